@@ -1,0 +1,30 @@
+# The two commands of the quick start: `make demo` and `make test`. Both set up .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; real users get a range from pyproject.toml.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: install test lint demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src weights_convert tests benchmarks
+	$(VENV)/bin/ruff format --check src weights_convert tests benchmarks
+
+demo: install
+	$(PY) -m minillava.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,208 @@
+"""The minillava checkpoint layout: ``config.json`` + safetensors, sharded with an index when large.
+
+Loading builds the model on the meta device, reads tensors one at a time from the memory-mapped
+files, casts each once, and hands them over with ``load_state_dict(assign=True, strict=True)``, so
+RAM never holds the model twice. Writing goes to a temporary directory that is renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import LlavaConfig
+from .model import Llava
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's tensors do not fit the model its config describes."""
+
+
+def safetensors_files(directory: str | os.PathLike) -> list[Path]:
+    """The weight files of a safetensors checkpoint directory, in index order."""
+    directory = Path(directory)
+    index = directory / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    if (directory / SINGLE_NAME).is_file():
+        return [directory / SINGLE_NAME]
+    raise FileNotFoundError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME}")
+
+
+def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` from safetensors files, one tensor at a time."""
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (OSError, RuntimeError) as err:
+            if isinstance(err, FileNotFoundError):
+                raise
+            raise OSError(f"{path}: cannot read safetensors file ({err}); is it truncated?") from None
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Cast floating tensors to ``dtype``; integer buffers and ``None`` keep theirs."""
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    return tensor.to(dtype)
+
+
+def check_state(expected: dict[str, torch.Size], found: dict[str, torch.Size], where: str, hint: str = "") -> None:
+    """Raise ``CheckpointError`` naming every missing, unexpected and mis-shaped tensor."""
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    if shapes:
+        problems.append(
+            "wrong shapes: " + ", ".join(f"{k} is {list(found[k])}, expected {list(expected[k])}" for k in shapes)
+        )
+    if problems:
+        raise CheckpointError(f"{where}: " + "; ".join(problems) + (f". {hint}" if hint else ""))
+
+
+def build_empty(config: LlavaConfig) -> Llava:
+    """A ``Llava`` with parameters on the meta device: shapes only, no memory."""
+    with torch.device("meta"):
+        return Llava(config)
+
+
+def load_state(model: Llava, state: dict[str, torch.Tensor], where: str, device=None) -> Llava:
+    """Give ``state`` to a meta-device ``model`` (strict, by assignment) and rebuild derived buffers."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_state(expected, {k: v.shape for k, v in state.items()}, where)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.llm.rotary.reset_buffers(device or "cpu")
+    return model.eval()
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Llava:
+    """Load a converted minillava checkpoint directory.
+
+    Args:
+        path: a directory written by ``python -m weights_convert`` or :func:`save`.
+        dtype: cast floating weights to this dtype (default: keep the stored dtype).
+        device: where the weights go.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory")
+    config = LlavaConfig.load(path)
+    model = build_empty(config)
+    files = safetensors_files(path)
+    state = {name: cast(t, dtype).to(device) for name, t in iter_safetensors(files)}
+    return load_state(model, state, str(path), device)
+
+
+class ShardWriter:
+    """Streams ``(name, tensor)`` pairs into safetensors shards of at most ``max_shard_bytes``."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+        self.directory = directory
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        save_file(self.pending, str(self.directory / f"shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self, base: str = "model") -> None:
+        """Flush and name the shards ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index."""
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(self.directory / "shard-00000.tmp", self.directory / f"{base}.safetensors")
+            return
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            final = f"{base}-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.directory / f"shard-{i:05d}.tmp", self.directory / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.directory / f"{base}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+@contextmanager
+def atomic_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``dst`` that becomes ``dst`` only if the block succeeds.
+
+    A non-empty ``dst`` is refused unless ``force``; then it is replaced only after the new one is complete.
+    """
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
+        raise FileExistsError(f"{dst} exists and is not empty; choose another destination or pass --force")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save(
+    model: Llava,
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    force: bool = False,
+    extra_files: Iterable[str | os.PathLike] = (),
+) -> None:
+    """Write ``model`` as a minillava checkpoint (config.json + safetensors), atomically.
+
+    ``extra_files`` (tokenizer files and the like) are copied in beside the weights.
+    """
+    with atomic_directory(path, force=force) as tmp:
+        model.config.save(tmp)
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for name, tensor in model.state_dict().items():
+            writer.add(name, cast(tensor.detach(), dtype).cpu())
+        writer.close()
+        for extra in extra_files:
+            shutil.copy2(extra, tmp / Path(extra).name)

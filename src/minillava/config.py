@@ -1,0 +1,213 @@
+"""Configuration dataclasses and the minillava ``config.json``.
+
+A converted checkpoint directory holds one ``config.json`` written by :meth:`LlavaConfig.save`.
+It records the three parts' shapes, how they are wired (feature layer, projector, placeholder id),
+and what inference needs besides weights: image preprocessing, chat template and generation
+defaults. Nothing here falls back to a library default for numerics that matter (``rms_norm_eps``
+must be given).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "minillava"
+FORMAT_VERSION = 1
+
+PROJECTOR_TYPES = ("linear", "identity", "mlpNx_gelu")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+# CLIP's normalisation constants (OpenAI), the llava-1.5 defaults.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionConfig:
+    """CLIP ViT tower shape."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class TextConfig:
+    """LLaMA decoder shape. ``rms_norm_eps`` has no default on purpose (LLaVA uses 1e-5, LLaMA 1e-6)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    rms_norm_eps: float
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if rope_type not in ROPE_TYPES:
+                raise ValueError(f"unsupported rope type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+            if rope_type == "default":
+                self.rope_scaling = None
+            else:
+                self.rope_scaling = {**self.rope_scaling, "rope_type": rope_type}
+                self.rope_scaling.pop("type", None)
+                self.rope_scaling.pop("rope_theta", None)
+        if self.hidden_act != "silu":
+            raise ValueError(f"unsupported decoder activation {self.hidden_act!r}; only 'silu' is implemented")
+
+
+@dataclass
+class ImageConfig:
+    """How images become ``pixel_values``: ``crop`` (llava-hf, CLIP default) or ``pad`` (original LLaVA)."""
+
+    mode: str = "crop"
+    shortest_edge: int = 336
+    crop_size: int = 336
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resample: int = 3  # PIL.Image.BICUBIC
+    rescale_factor: float = 1 / 255
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("crop", "pad"):
+            raise ValueError(f"image mode must be 'crop' or 'pad', got {self.mode!r}")
+        self.mean = tuple(float(x) for x in self.mean)
+        self.std = tuple(float(x) for x in self.std)
+
+
+@dataclass
+class LlavaConfig:
+    """The whole model: vision tower, projector, decoder, and how they are joined."""
+
+    vision: VisionConfig
+    text: TextConfig
+    image_token_id: int
+    projector_type: str = "mlp2x_gelu"
+    projector_bias: bool = True
+    vision_feature_layer: int | list[int] = -2
+    vision_feature_select_strategy: str = "default"
+    image: ImageConfig = field(default_factory=ImageConfig)
+    chat_template: str | None = None
+    generation: dict[str, Any] = field(default_factory=dict)
+    source_layout: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if isinstance(self.text, dict):
+            self.text = TextConfig(**self.text)
+        if isinstance(self.image, dict):
+            self.image = ImageConfig(**self.image)
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(
+                "vision_feature_select_strategy must be 'default' or 'full', "
+                f"got {self.vision_feature_select_strategy!r}"
+            )
+        if isinstance(self.vision_feature_layer, (list, tuple)):
+            self.vision_feature_layer = [int(i) for i in self.vision_feature_layer]
+            if not self.vision_feature_layer:
+                raise ValueError("vision_feature_layer must not be an empty list")
+        for layer in self.feature_layers:
+            if not -(self.vision.num_layers + 1) <= layer <= self.vision.num_layers:
+                raise ValueError(
+                    f"vision_feature_layer {layer} is out of range for a tower of "
+                    f"{self.vision.num_layers} layers ({self.vision.num_layers + 1} hidden states)"
+                )
+        projector_depth(self.projector_type)  # validates the name
+
+    @property
+    def feature_layers(self) -> list[int]:
+        """The selected hidden-state indices, as a list."""
+        layer = self.vision_feature_layer
+        return list(layer) if isinstance(layer, list) else [layer]
+
+    @property
+    def num_image_tokens(self) -> int:
+        """``K``: the rows the projector emits per image, i.e. placeholders per image in ``input_ids``."""
+        return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LlavaConfig:
+        data = dict(data)
+        if data.pop("format", FORMAT_NAME) != FORMAT_NAME:
+            raise ValueError("not a minillava config (its 'format' field is not 'minillava')")
+        version = data.pop("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ValueError(f"config format version {version} is newer than this minillava ({FORMAT_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        path = Path(directory) / "config.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> LlavaConfig:
+        path = Path(directory) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no config.json; is {directory} a converted minillava checkpoint?")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if data.get("format") != FORMAT_NAME:
+            raise ValueError(
+                f"{path}: not a minillava config; convert the checkpoint first: python -m weights_convert SRC DST"
+            )
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
+def projector_depth(projector_type: str) -> int:
+    """Number of Linear layers of a projector type; 0 for ``identity``."""
+    if projector_type == "identity":
+        return 0
+    if projector_type == "linear":
+        return 1
+    if projector_type.startswith("mlp") and projector_type.endswith("x_gelu"):
+        depth = projector_type[3:-6]
+        if depth.isdigit() and int(depth) >= 1:
+            return int(depth)
+    raise ValueError(f"unknown projector type {projector_type!r}; supported: linear, identity, mlpNx_gelu (N >= 1)")

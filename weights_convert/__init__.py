@@ -1,0 +1,1 @@
+"""Checkpoint converters: other LLaVA layouts in, the minillava layout out (and back to llava-hf)."""

@@ -1,0 +1,180 @@
+"""llava-hf checkpoints (``LlavaForConditionalGeneration``), as transformers 4.x and 5.x save them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from minillava.checkpoint import safetensors_files
+from minillava.config import CLIP_MEAN, CLIP_STD, ImageConfig, LlavaConfig, TextConfig, VisionConfig
+
+from .keymaps import HF_V4, HF_V5, KeyMap
+
+# transformers' defaults for fields a config.json may leave out (LlamaConfig, and LlavaConfig's CLIP-L/336).
+LLAMA_DEFAULTS = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+CLIP_DEFAULTS = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "num_channels": 3,
+    "layer_norm_eps": 1e-5,
+    "hidden_act": "quick_gelu",
+}
+# Tokenizer and generation files carried into the converted directory as they are.
+CARRIED_FILES = (
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def rope_from_hf(text: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """``(rope_theta, rope_scaling)`` from a 4.x (top-level fields) or 5.x (``rope_parameters``) text config."""
+    params = text.get("rope_parameters")
+    if params:
+        params = dict(params)
+        theta = params.pop("rope_theta", text.get("rope_theta", 10000.0))
+        scaling = params if params.get("rope_type", "default") != "default" else None
+        return float(theta), scaling
+    return float(text.get("rope_theta", 10000.0)), text.get("rope_scaling")
+
+
+def text_config_from_hf(text: dict[str, Any], tie_word_embeddings: bool) -> TextConfig:
+    t = {**LLAMA_DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
+    theta, scaling = rope_from_hf(text)
+    if t.get("model_type", "llama") not in ("llama", "mistral"):
+        raise ValueError(f"unsupported language model type {t['model_type']!r}; minillava implements LLaMA")
+    return TextConfig(
+        vocab_size=t["vocab_size"],
+        hidden_size=t["hidden_size"],
+        intermediate_size=t["intermediate_size"],
+        num_layers=t["num_hidden_layers"],
+        num_heads=t["num_attention_heads"],
+        num_kv_heads=t.get("num_key_value_heads"),
+        head_dim=t.get("head_dim"),
+        rms_norm_eps=t["rms_norm_eps"],
+        max_position_embeddings=t["max_position_embeddings"],
+        rope_theta=theta,
+        rope_scaling=scaling,
+        attention_bias=t.get("attention_bias", False),
+        mlp_bias=t.get("mlp_bias", False),
+        tie_word_embeddings=tie_word_embeddings,
+        hidden_act=t.get("hidden_act", "silu"),
+        bos_token_id=t.get("bos_token_id"),
+        eos_token_id=t.get("eos_token_id"),
+        pad_token_id=t.get("pad_token_id"),
+    )
+
+
+def vision_config_from_hf(vision: dict[str, Any]) -> VisionConfig:
+    v = {**CLIP_DEFAULTS, **{k: val for k, val in vision.items() if val is not None}}
+    return VisionConfig(
+        hidden_size=v["hidden_size"],
+        intermediate_size=v["intermediate_size"],
+        num_layers=v["num_hidden_layers"],
+        num_heads=v["num_attention_heads"],
+        image_size=v["image_size"],
+        patch_size=v["patch_size"],
+        num_channels=v["num_channels"],
+        layer_norm_eps=v["layer_norm_eps"],
+        hidden_act=v["hidden_act"],
+    )
+
+
+def image_config_from_preprocessor(pre: dict[str, Any] | None, default_size: int, pad: bool = False) -> ImageConfig:
+    """Image settings from a ``preprocessor_config.json`` (CLIP or llava image processor)."""
+    pre = pre or {}
+    size = pre.get("size", default_size)
+    if isinstance(size, dict):
+        size = size.get("shortest_edge", size.get("height", default_size))
+    crop = pre.get("crop_size", size)
+    if isinstance(crop, dict):
+        crop = crop.get("height", crop.get("width", size))
+    return ImageConfig(
+        mode="pad" if pad or pre.get("do_pad") else "crop",
+        shortest_edge=int(size),
+        crop_size=int(crop),
+        mean=tuple(pre.get("image_mean", CLIP_MEAN)),
+        std=tuple(pre.get("image_std", CLIP_STD)),
+        resample=int(pre.get("resample", 3)),
+        rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
+    )
+
+
+def config_from_hf(hf: dict[str, Any], preprocessor: dict[str, Any] | None = None) -> LlavaConfig:
+    """A ``LlavaConfig`` from a llava-hf ``config.json`` (4.x or 5.x form)."""
+    text = hf.get("text_config") or {}
+    tie = bool(text.get("tie_word_embeddings", hf.get("tie_word_embeddings", False)))
+    act = hf.get("projector_hidden_act", "gelu")
+    if act != "gelu":
+        raise ValueError(f"unsupported projector activation {act!r}; llava-hf projectors use 'gelu'")
+    vision = vision_config_from_hf(hf.get("vision_config") or {})
+    image_token_id = hf.get("image_token_id", hf.get("image_token_index", 32000))
+    return LlavaConfig(
+        vision=vision,
+        text=text_config_from_hf(text, tie),
+        image_token_id=int(image_token_id),
+        projector_type="mlp2x_gelu",
+        projector_bias=bool(hf.get("multimodal_projector_bias", True)),
+        vision_feature_layer=hf.get("vision_feature_layer", -2),
+        vision_feature_select_strategy=hf.get("vision_feature_select_strategy", "default"),
+        image=image_config_from_preprocessor(preprocessor, vision.image_size),
+        chat_template="llava_hf",
+        source_layout="llava-hf",
+    )
+
+
+class HfLlavaSource:
+    """A llava-hf directory: ``config.json`` with ``model_type: llava`` and ``text_config``, safetensors weights."""
+
+    name = "llava-hf"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.hf_config = read_json(directory / "config.json")
+        self.files = safetensors_files(directory)
+
+    @staticmethod
+    def matches(directory: Path, config: dict[str, Any]) -> bool:
+        return config.get("model_type") == "llava" and "text_config" in config
+
+    def config(self) -> LlavaConfig:
+        pre_path = self.directory / "preprocessor_config.json"
+        pre = read_json(pre_path) if pre_path.is_file() else None
+        config = config_from_hf(self.hf_config, pre)
+        gen_path = self.directory / "generation_config.json"
+        if gen_path.is_file():
+            config.generation = read_json(gen_path)
+        return config
+
+    def keymap(self, keys: list[str]) -> KeyMap:
+        # 5.x saves drop the vision tower's ``vision_model.`` level; the hub's 4.x files keep it.
+        if any(k.startswith("vision_tower.vision_model.") for k in keys):
+            return HF_V4
+        return HF_V5
+
+    def carried_files(self) -> list[Path]:
+        return [self.directory / name for name in CARRIED_FILES if (self.directory / name).is_file()]

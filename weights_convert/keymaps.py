@@ -1,0 +1,59 @@
+"""One declarative table per checkpoint layout: our key prefix <-> their key prefix.
+
+minillava's module names mirror the checkpoint names below a prefix, so a layout is a short list of
+prefix pairs plus the stale buffers it may carry. The same tables drive the converter, the exporter,
+direct loading and the parity tests. A key that no rule maps is an error, never a warning.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+class UnmappedKeyError(KeyError):
+    pass
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """``rules``: ``(our_prefix, their_prefix)`` pairs, the first match wins in either direction.
+    ``dropped``: regular expressions for their keys that hold nothing we need (stale buffers)."""
+
+    name: str
+    rules: tuple[tuple[str, str], ...]
+    dropped: tuple[str, ...] = ()
+
+    def is_dropped(self, key: str) -> bool:
+        return any(re.search(pattern, key) for pattern in self.dropped)
+
+    def to_ours(self, key: str) -> str | None:
+        """Our name for their ``key``; ``None`` for a dropped buffer; ``UnmappedKeyError`` otherwise."""
+        if self.is_dropped(key):
+            return None
+        for ours, theirs in self.rules:
+            if key.startswith(theirs):
+                return ours + key[len(theirs) :]
+        raise UnmappedKeyError(key)
+
+    def to_theirs(self, key: str) -> str:
+        for ours, theirs in self.rules:
+            if key.startswith(ours):
+                return theirs + key[len(ours) :]
+        raise UnmappedKeyError(key)
+
+
+STALE_BUFFERS = (r"rotary_emb\.inv_freq$", r"embeddings\.position_ids$")
+
+LLM_HF = (("llm.lm_head.", "language_model.lm_head."), ("llm.", "language_model.model."))
+PROJECTOR_HF = (
+    ("projector.layers.0.", "multi_modal_projector.linear_1."),
+    ("projector.layers.1.", "multi_modal_projector.linear_2."),
+)
+
+# llava-hf as saved by transformers 4.x (the hub checkpoints).
+HF_V4 = KeyMap(
+    "llava-hf (transformers 4.x)", (*LLM_HF, *PROJECTOR_HF, ("vision.", "vision_tower.vision_model.")), STALE_BUFFERS
+)
+# llava-hf as saved by transformers 5.x: the vision tower lost its ``vision_model.`` level.
+HF_V5 = KeyMap("llava-hf (transformers 5.x)", (*LLM_HF, *PROJECTOR_HF, ("vision.", "vision_tower.")), STALE_BUFFERS)
