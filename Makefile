@@ -24,7 +24,7 @@ lint: install
 	$(VENV)/bin/ruff format --check src weights_convert tests benchmarks
 
 demo: install
-	$(PY) -m minillava.demo
+	$(PY) -m minillava.shapes.interim_demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
