@@ -1,0 +1,210 @@
+"""The processor: prompt text and images in, ``input_ids``, ``attention_mask`` and ``pixel_values`` out.
+
+>>> proc = load_processor("path/to/converted")
+>>> text = proc.format_chat([{"role": "user", "content": "<image>\\nWhat is shown?"}])
+>>> batch = proc(text, images=["photo.jpg"])
+>>> batch["input_ids"].shape, batch["pixel_values"].shape
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .chat import ChatTemplate, default_template_for, get_template
+from .config import ImageConfig, LlavaConfig
+from .image import DEFAULT_MAX_PIXELS, ImageInput, preprocess
+from .tokenizer import IMAGE_MARKER, IncrementalDecoder, Tokenizer, pad_batch
+
+_SINGLE_IMAGE = (str, os.PathLike, bytes, bytearray, Image.Image)
+
+
+class Processor:
+    """Tokenizer, image preprocessing and chat template of one checkpoint.
+
+    Attributes:
+        tokenizer: the :class:`~minillava.tokenizer.Tokenizer`.
+        image_config: the :class:`~minillava.config.ImageConfig` (mode, sizes, mean/std).
+        template: the default :class:`~minillava.chat.ChatTemplate`.
+        image_token_id: the placeholder id; each ``<image>`` becomes ``num_image_tokens`` of them.
+        num_image_tokens: ``K``, the rows the projector emits per image.
+        pad_token_id: the id padding positions get (the tokenizer's pad token, else the config's, else unk).
+        max_pixels: the pixel limit for images (``None``: none).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        image_config: ImageConfig,
+        *,
+        image_token_id: int,
+        num_image_tokens: int,
+        template: str | ChatTemplate = "llava_v1",
+        pad_token_id: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if num_image_tokens < 1:
+            raise ValueError(f"num_image_tokens must be at least 1, got {num_image_tokens}")
+        self.tokenizer = tokenizer
+        self.image_config = image_config
+        self.template = get_template(template)
+        self.image_token_id = int(image_token_id)
+        self.num_image_tokens = int(num_image_tokens)
+        self.max_pixels = max_pixels
+        for candidate in (tokenizer.pad_token_id, pad_token_id, tokenizer.unk_token_id):
+            if candidate is not None:
+                self.pad_token_id = int(candidate)
+                break
+        else:
+            raise ValueError("no pad id: the tokenizer has neither a pad nor an unk token; pass pad_token_id")
+        marker_id = tokenizer.token_to_id(IMAGE_MARKER)
+        if marker_id is not None and marker_id != self.image_token_id:
+            raise ValueError(
+                f"config.json says image_token_id {self.image_token_id} but the tokenizer ({tokenizer.source}) has "
+                f"{IMAGE_MARKER} = {marker_id}; the checkpoint's config and tokenizer files disagree"
+            )
+        if marker_id is None:
+            if self.image_token_id < len(tokenizer):
+                raise ValueError(
+                    f"image_token_id {self.image_token_id} is an ordinary token of the tokenizer ({tokenizer.source}) "
+                    "and text could produce it; check config.json against the tokenizer files"
+                )
+            # Original-layout checkpoints: the placeholder lives past the tokenizer's vocabulary.
+            tokenizer.add_special_id(self.image_token_id, IMAGE_MARKER)
+
+    def format_chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        template: str | ChatTemplate | None = None,
+        add_generation_prompt: bool = True,
+    ) -> str:
+        """:func:`~minillava.chat.format_chat` with this checkpoint's template as the default."""
+        return get_template(template or self.template).format(messages, add_generation_prompt)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of one prompt, each ``<image>`` expanded to ``num_image_tokens`` placeholders."""
+        if not isinstance(text, str):
+            raise ValueError(f"a prompt must be a str, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError("empty prompt")
+        return self.tokenizer.encode(text, self.num_image_tokens, self.image_token_id)
+
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        images: ImageInput | Sequence[ImageInput] | Sequence[Sequence[ImageInput]] | None = None,
+        padding_side: str = "left",
+    ) -> dict[str, torch.Tensor | None]:
+        """Tokenize prompts and preprocess their images.
+
+        Args:
+            text: one prompt, or a list of prompts (a batch).
+            images: for one prompt, its images in ``<image>`` order (a list, or a single image); for a batch, one
+                list per prompt. Paths, ``pathlib.Path``, raw bytes or ``PIL.Image`` objects.
+            padding_side: ``"left"`` (generation) or ``"right"`` (training).
+
+        Returns:
+            ``input_ids`` and ``attention_mask`` (int64 ``[B, L]``, mask 1 on real tokens) and ``pixel_values``
+            (float32 ``[N, 3, S, S]``, all images of the batch in order, or ``None`` when there are none).
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        batched = not isinstance(text, str)
+        texts = list(text) if batched else [text]
+        if not texts:
+            raise ValueError("empty batch: no prompts given")
+        per_text = self._group_images(texts, images, batched)
+        ids = []
+        for i, (prompt, imgs) in enumerate(zip(texts, per_text, strict=True)):
+            where = f"prompt {i}: " if batched else ""
+            if not isinstance(prompt, str):
+                raise ValueError(f"{where}a prompt must be a str, got {type(prompt).__name__}")
+            markers = prompt.count(IMAGE_MARKER)
+            if markers != len(imgs):
+                raise ValueError(
+                    f"{where}the prompt has {markers} {IMAGE_MARKER} marker(s) but {len(imgs)} image(s) were given; "
+                    f"write one {IMAGE_MARKER} per image, in the order of the images"
+                )
+            try:
+                ids.append(self.encode(prompt))
+            except ValueError as err:
+                raise ValueError(f"{where}{err}") from None
+        input_ids, attention_mask = pad_batch(ids, self.pad_token_id, padding_side)
+        flat = [img for imgs in per_text for img in imgs]
+        pixels = preprocess(flat, self.image_config, self.max_pixels) if flat else None
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels}
+
+    @staticmethod
+    def _group_images(texts: list[str], images: object, batched: bool) -> list[list[ImageInput]]:
+        if images is None:
+            return [[] for _ in texts]
+        if not batched:
+            if isinstance(images, _SINGLE_IMAGE):
+                return [[images]]
+            return [list(images)]
+        if isinstance(images, _SINGLE_IMAGE) or not isinstance(images, Sequence):
+            raise ValueError("for a batch of prompts pass images as a list with one list of images per prompt")
+        if len(images) != len(texts):
+            raise ValueError(
+                f"{len(texts)} prompts but {len(images)} image lists; pass one list per prompt (empty for none)"
+            )
+        groups = []
+        for i, group in enumerate(images):
+            if group is None:
+                groups.append([])
+            elif isinstance(group, _SINGLE_IMAGE):
+                raise ValueError(f"images[{i}] must be a list of images for prompt {i}, got a single image")
+            else:
+                groups.append(list(group))
+        return groups
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """Text of one id sequence (special tokens and image placeholders dropped unless asked to keep them)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, ids: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
+        """:meth:`decode` for each row."""
+        return [self.decode(row, skip_special_tokens) for row in ids]
+
+    def incremental_decoder(self, skip_special_tokens: bool = True) -> IncrementalDecoder:
+        """A streaming decoder; see :class:`~minillava.tokenizer.IncrementalDecoder`."""
+        return self.tokenizer.incremental_decoder(skip_special_tokens)
+
+
+def load_processor(
+    path: str | os.PathLike,
+    image_mode: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    template: str | None = None,
+) -> Processor:
+    """The processor of a converted checkpoint directory.
+
+    Args:
+        path: a directory with ``config.json`` (minillava format) and the tokenizer files (``tokenizer.model``,
+            ``tokenizer_config.json``, ...).
+        image_mode: ``"crop"`` or ``"pad"`` to override the checkpoint's preprocessing.
+        max_pixels: refuse images with more pixels than this (``None``: no limit).
+        template: a chat template name to use instead of the checkpoint's default.
+    """
+    config = LlavaConfig.load(path)
+    image_config = config.image
+    if image_mode is not None:
+        if image_mode not in ("crop", "pad"):
+            raise ValueError(f"image_mode must be 'crop' or 'pad', got {image_mode!r}")
+        image_config = dataclasses.replace(image_config, mode=image_mode)
+    if template is None:
+        template = config.chat_template or default_template_for(Path(path).resolve(), config.source_layout)
+    return Processor(
+        Tokenizer.from_dir(path),
+        image_config,
+        image_token_id=config.image_token_id,
+        num_image_tokens=config.num_image_tokens,
+        template=template,
+        pad_token_id=config.text.pad_token_id,
+        max_pixels=max_pixels,
+    )
