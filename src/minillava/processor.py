@@ -175,6 +175,13 @@ class Processor:
         """A streaming decoder; see :class:`~minillava.tokenizer.IncrementalDecoder`."""
         return self.tokenizer.incremental_decoder(skip_special_tokens)
 
+    def training_example(self, messages, images=None, template=None, sample_id=None, **options) -> dict:
+        """``input_ids``, ``labels`` (only assistant turns and their end-of-turn token supervised) and
+        ``pixel_values`` for one conversation; see :func:`minillava.labels.training_example`."""
+        from .labels import training_example
+
+        return training_example(self, messages, images, template=template, sample_id=sample_id, **options)
+
 
 def load_processor(
     path: str | os.PathLike,

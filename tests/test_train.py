@@ -1,0 +1,378 @@
+"""The trainer on one process: stages, schedule, a real short run over a tiny dataset, resume, and errors.
+
+Everything is real: a tiny random minillava checkpoint with a trained sentencepiece tokenizer, PNG files
+written with Pillow, LLaVA-format JSON. The helpers here are shared with ``test_train_distributed.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.testing import assert_close
+
+import minillava
+from minillava.config import ImageConfig, LlavaConfig, TextConfig, VisionConfig
+from minillava.data import Collator, DataError, LlavaDataset, read_records, sample_messages
+from minillava.labels import IGNORE_INDEX
+from minillava.model import Llava
+from minillava.processor import load_processor
+from minillava.train import (
+    NonFiniteLoss,
+    TrainConfig,
+    lr_at,
+    main,
+    set_trainable,
+    stage_template,
+    token_loss_sum,
+    train,
+    with_dummy_image,
+)
+from tests.sp_fixtures import VOCAB_SIZE, write_tokenizer_dir
+
+COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def make_checkpoint(root: Path, seed: int = 0) -> Path:
+    """A tiny random LLaVA (CLIP 3x32 at 28 px, LLaMA 2x64) saved as a minillava checkpoint with its tokenizer."""
+    tok = write_tokenizer_dir(root / "tokenizer")  # <image> = VOCAB_SIZE, <pad> = VOCAB_SIZE + 1
+    config = LlavaConfig(
+        vision=VisionConfig(
+            hidden_size=32, intermediate_size=48, num_layers=3, num_heads=2, image_size=28, patch_size=7
+        ),
+        text=TextConfig(
+            vocab_size=VOCAB_SIZE + 2,
+            hidden_size=64,
+            intermediate_size=96,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            rms_norm_eps=1e-5,
+            pad_token_id=VOCAB_SIZE + 1,
+        ),
+        image_token_id=VOCAB_SIZE,
+        image=ImageConfig(shortest_edge=28, crop_size=28),
+        chat_template="vicuna_v1",
+    )
+    torch.manual_seed(seed)
+    model = Llava(config)
+    minillava.save(model, root / "model", extra_files=[tok / name for name in TOKENIZER_FILES])
+    return root / "model"
+
+
+def make_dataset(root: Path, n_image: int = 12, n_text: int = 4, seed: int = 0, name: str = "data.json") -> Path:
+    """Coloured pictures with "what colour?" questions, plus text-only samples; images under root/images."""
+    rng = random.Random(seed)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n_image):
+        color = rng.choice(list(COLORS))
+        Image.new("RGB", (28 + i % 5, 28), COLORS[color]).save(images / f"{i}.png")
+        records.append(
+            {
+                "id": f"img{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "What color is the picture?\n<image>"},
+                    {"from": "gpt", "value": f"The picture is {color}."},
+                ],
+            }
+        )
+    for i in range(n_text):
+        records.append(
+            {
+                "id": f"txt{i}",
+                "conversations": [
+                    {"from": "human", "value": "Describe a street."},
+                    {"from": "gpt", "value": "A man is standing on the street."},
+                    {"from": "human", "value": "Where is the tree?"},
+                    {"from": "gpt", "value": "At the top left."},
+                ],
+            }
+        )
+    rng.shuffle(records)
+    path = root / name
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return make_checkpoint(root), make_dataset(root), root / "images"
+
+
+def config(tiny, output: Path, **overrides) -> TrainConfig:
+    model, data, images = tiny
+    base = {
+        "model": str(model),
+        "data": str(data),
+        "image_folder": str(images),
+        "output": str(output),
+        "lr": 3e-3,
+        "warmup_ratio": 0.0,
+        "batch_size": 4,
+        "precision": "fp32",
+        "progress": False,
+    }
+    return TrainConfig(**{**base, **overrides})
+
+
+def read_log(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+
+
+# --- a real run ---
+
+
+def test_short_run_reduces_loss_and_resume_continues_the_curve(tiny, tmp_path):
+    first = train(config(tiny, tmp_path / "a", max_steps=8, save_every=4))
+    losses = first["losses"]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-2:]) / 2 < losses[0] - 0.5, f"loss did not go down: {losses}"
+    assert [r["loss"] for r in read_log(tmp_path / "a")] == losses
+    record = read_log(tmp_path / "a")[0]
+    assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "supervised_tokens"} <= set(record)
+
+    # The trained model and every checkpoint are plain minillava directories with their tokenizer.
+    for path in (tmp_path / "a", tmp_path / "a" / "checkpoint-4"):
+        model = minillava.load(path)
+        assert load_processor(path).template.name == "vicuna_v1"
+        assert isinstance(model, Llava)
+
+    # Resume from step 4 into a new directory: steps 5..8 repeat bit for bit.
+    second = train(config(tiny, tmp_path / "b", max_steps=8, resume=str(tmp_path / "a" / "checkpoint-4")))
+    assert second["losses"] == losses[4:]
+    a, b = minillava.load(tmp_path / "a").state_dict(), minillava.load(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_same_run_and_cli(tiny, tmp_path):
+    """Bit-for-bit reproducible on one process; the CLI runs the same job."""
+    model, data, images = tiny
+    argv = [
+        "--model", str(model), "--data", str(data), "--image-folder", str(images), "--output", str(tmp_path / "cli"),
+        "--max-steps", "3", "--batch-size", "4", "--lr", "3e-3", "--warmup-ratio", "0", "--precision", "fp32",
+        "--no-progress", "--seed", "5",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    again = train(config(tiny, tmp_path / "api", max_steps=3, seed=5))
+    assert [r["loss"] for r in read_log(tmp_path / "cli")] == again["losses"]
+    other_seed = train(config(tiny, tmp_path / "seed6", max_steps=3, seed=6))
+    assert other_seed["losses"] != again["losses"]
+
+
+def test_pretrain_changes_only_the_projector(tiny, tmp_path):
+    model_dir, _, images = tiny
+    data = make_dataset(tmp_path, n_image=8, n_text=0)
+    train(config(tiny, tmp_path / "out", stage="pretrain", max_steps=2, data=str(data), image_folder=str(images)))
+    before, after = minillava.load(model_dir).state_dict(), minillava.load(tmp_path / "out").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if k.startswith("projector.")}
+    assert load_processor(tmp_path / "out").template.name == "plain"
+
+
+def test_finetune_bf16_with_activation_checkpointing_runs(tiny, tmp_path):
+    result = train(config(tiny, tmp_path / "out", max_steps=2, precision="bf16", activation_checkpointing=True))
+    assert all(torch.isfinite(torch.tensor(result["losses"])))
+    before, after = minillava.load(tiny[0]).state_dict(), minillava.load(tmp_path / "out").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("vision."))
+    assert not torch.equal(before["llm.layers.0.mlp.up_proj.weight"], after["llm.layers.0.mlp.up_proj.weight"])
+
+
+# --- stages, schedule, loss pieces ---
+
+
+def test_stages_flip_requires_grad_without_copying(tiny):
+    model = minillava.load(tiny[0])
+    pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
+    trainable = set(set_trainable(model, "pretrain"))
+    assert trainable == {n for n in pointers if n.startswith("projector.")}
+    trainable = set(set_trainable(model, "finetune"))
+    assert trainable == {n for n in pointers if n.startswith(("projector.", "llm."))}
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == pointers
+    # The frozen tower runs under no_grad: even pixels that want a gradient get none through it.
+    pixels = torch.randn(1, 3, 28, 28, requires_grad=True)
+    assert not model.vision(pixels, [-2]).requires_grad
+    trainable = set(set_trainable(minillava.load(tiny[0]), "finetune", train_vision=True))
+    # Feature layer -2 of 3: layers 0-1 run and train; layer 2 and post_layernorm never run.
+    assert "vision.encoder.layers.1.mlp.fc1.weight" in trainable and "vision.embeddings.class_embedding" in trainable
+    assert not any(n.startswith(("vision.encoder.layers.2.", "vision.post_layernorm.")) for n in trainable)
+
+
+def test_stage_templates():
+    assert stage_template("pretrain", "llava_v1") == "plain"
+    assert stage_template("finetune", "llava_v1") == "llava_v1"
+    # After stage 1 (plain) or from a llava-hf checkpoint (no end-of-turn token): LLaVA-1.5's vicuna_v1.
+    assert stage_template("finetune", "plain") == stage_template("finetune", "llava_hf") == "vicuna_v1"
+    assert stage_template("finetune", None) == "vicuna_v1"
+
+
+def test_schedule_is_transformers_cosine_with_warmup():
+    from transformers import get_cosine_schedule_with_warmup
+
+    total, warmup, base = 50, 4, 2e-5
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched = get_cosine_schedule_with_warmup(opt, warmup, total)
+    for step in range(total):
+        assert lr_at(step, total, warmup, base) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-20)
+        opt.step()
+        sched.step()
+
+
+def test_dummy_image_changes_neither_loss_nor_gradients(tiny):
+    """The zero image FSDP needs in an image-less micro-batch contributes exactly nothing."""
+    model = minillava.load(tiny[0])
+    set_trainable(model, "finetune")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 700, (2, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :3] = IGNORE_INDEX
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": None}
+
+    def grads(b):
+        model.zero_grad(set_to_none=True)
+        logits = model(b["input_ids"], b["pixel_values"], b["attention_mask"]).logits
+        total, count = token_loss_sum(logits, b["labels"])
+        total.backward()
+        return total.detach(), count, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_count, plain_grads = grads(batch)
+    dummy = with_dummy_image(batch, model.config, pad_token_id=0)
+    assert dummy["pixel_values"].shape[0] == 1 and dummy["input_ids"].shape[1] == 9 + model.config.num_image_tokens
+    loss, count, dummy_grads = grads(dummy)
+    assert count == plain_count
+    assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in plain_grads.items():
+        assert_close(dummy_grads[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert all(float(dummy_grads[n].abs().max()) == 0.0 for n in dummy_grads if n.startswith("projector."))
+
+
+# --- data ---
+
+
+def test_collator_right_pads_and_keeps_images_in_order(tiny):
+    proc = load_processor(tiny[0])
+    ds = LlavaDataset(tiny[1], tiny[2], proc)
+    items = [ds[i] for i in range(len(ds))][:6]
+    batch = Collator(proc.pad_token_id)(items)
+    lengths = [len(item["input_ids"]) for item in items]
+    assert batch["input_ids"].shape == (6, max(lengths))
+    for row, n in enumerate(lengths):
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (max(lengths) - n)
+        assert (batch["input_ids"][row, n:] == proc.pad_token_id).all()
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
+    expected = torch.cat([item["pixel_values"] for item in items if item["pixel_values"] is not None])
+    assert torch.equal(batch["pixel_values"], expected)
+    assert batch["ids"] == [item["id"] for item in items]
+
+
+def test_jsonl_and_llava_image_marker_rule(tmp_path):
+    turns = [{"from": "human", "value": "Why?\n<image>"}, {"from": "gpt", "value": "x"}]
+    rows = [
+        {"id": 1, "image": "a.png", "conversations": turns},
+        {"id": 2, "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    records = read_records(path)
+    assert len(records) == 2
+    messages, images = sample_messages(records[0])
+    assert messages[0]["content"] == "<image>\nWhy?" and images == ["a.png"]  # preprocess_multimodal
+    assert sample_messages(records[1])[1] == []
+
+
+# --- errors ---
+
+
+def write(tmp_path: Path, records: list[dict]) -> Path:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def good(i: int) -> dict:
+    return {
+        "id": f"ok{i}",
+        "image": "0.png",
+        "conversations": [{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "Red."}],
+    }
+
+
+def test_missing_image_stops_naming_sample_and_file_or_is_skipped(tiny, tmp_path):
+    bad = {**good(0), "id": "lost", "image": "missing/nowhere.png"}
+    data = write(tmp_path, [good(1), good(2), bad, good(3), good(4)])
+    with pytest.raises(DataError, match=r"(?s)sample 'lost'.*missing/nowhere\.png.*--skip-bad-samples"):
+        train(config(tiny, tmp_path / "out", data=str(data), max_steps=1))
+    result = train(config(tiny, tmp_path / "out", data=str(data), max_steps=1, skip_bad_samples=True))
+    assert result["skipped"] == 1 and result["steps"] == 1
+
+
+def test_unreadable_image_names_sample_and_file_or_is_skipped(tiny, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (28, 28), (1, 2, 3)).save(images / "0.png")
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    data = write(tmp_path, [good(1), {**good(0), "id": "corrupt", "image": "broken.png"}])
+    argv = [
+        "--model", str(tiny[0]), "--data", str(data), "--image-folder", str(images), "--output", str(tmp_path / "o"),
+        "--max-steps", "1", "--batch-size", "2", "--precision", "fp32", "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "sample 'corrupt'" in err and "broken.png" in err
+    assert main([*argv, "--skip-bad-samples"]) == 0
+    assert read_log(tmp_path / "o")[0]["skipped"] == 1
+
+
+@pytest.mark.parametrize(
+    "conversations, message",
+    [
+        ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "does not alternate"),
+        ([{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}], "does not alternate"),
+        ([{"from": "human", "value": "only a question"}], "no assistant"),
+        ([{"from": "robot", "value": "a"}], "unknown speaker"),
+    ],
+)
+def test_bad_conversations_are_named(tiny, tmp_path, conversations, message):
+    data = write(tmp_path, [good(1), {"id": "weird", "conversations": conversations}])
+    with pytest.raises(DataError, match=rf"sample 'weird'.*{message}"):
+        LlavaDataset(data, tiny[2], load_processor(tiny[0]))
+
+
+def test_long_samples_are_cut_outside_images_or_refused(tiny, tmp_path):
+    proc = load_processor(tiny[0])
+    long = {**good(0), "id": "long"}
+    long["conversations"][1]["value"] = "The picture is red. " * 30
+    data = write(tmp_path, [long])
+    ds = LlavaDataset(data, tiny[2], proc, max_length=80)
+    item = ds[0]
+    assert len(item["input_ids"]) == 80 and item["pixel_values"].shape[0] == 1
+    assert int((item["input_ids"] == proc.image_token_id).sum()) == proc.num_image_tokens
+    with pytest.raises(ValueError, match=r"sample 'long'.*longer than max_length 80"):
+        LlavaDataset(data, tiny[2], proc, max_length=80, refuse_long=True)[0]
+
+
+def test_nan_loss_stops_with_step_and_last_checkpoint_survives(tiny, tmp_path, capsys):
+    # An absurd learning rate: step 1 is finite, its update overflows the weights, step 2's loss is NaN.
+    cfg = config(tiny, tmp_path / "out", lr=1e30, max_steps=4, save_every=1)
+    with pytest.raises(NonFiniteLoss, match=r"at step 2.*checkpoint-1"):
+        train(cfg)
+    survivor = minillava.load(tmp_path / "out" / "checkpoint-1")
+    assert all(torch.isfinite(t).all() for t in survivor.state_dict().values())
+    assert not (tmp_path / "out" / "checkpoint-2").exists()
+    assert [r["step"] for r in read_log(tmp_path / "out")] == [1]
+
+
+def test_resume_refuses_a_different_global_batch(tiny, tmp_path):
+    train(config(tiny, tmp_path / "out", max_steps=2, save_every=1))
+    with pytest.raises(ValueError, match=r"global batch of 4 .* this run has 2"):
+        train(config(tiny, tmp_path / "out", max_steps=3, batch_size=2, resume="latest"))
