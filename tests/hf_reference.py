@@ -155,3 +155,210 @@ def batch_inputs(k: int, seed: int = 0) -> dict[str, torch.Tensor]:
     row1 = torch.cat([img, text[1, :12], img])
     pixels = torch.randn(3, 3, 28, 28, generator=gen)
     return {"input_ids": torch.stack([row0, row1]), "pixel_values": pixels}
+
+
+# --- original LLaVA layout (liuhaotian/llava-v1.5-*) built from a transformers model ------------------------------
+
+SENTINEL = -200  # original LLaVA's IMAGE_TOKEN_INDEX in input_ids, expanded by the tokenizer side
+ORIGINAL_PLACEHOLDER = VOCAB  # minillava's placeholder for original checkpoints: the first id past the vocabulary
+
+
+@torch.no_grad()
+def round_to_fp16(model: torch.nn.Module) -> None:
+    """Round every parameter to fp16 precision (kept in fp32), so an fp16 checkpoint holds exactly these values."""
+    for p in model.parameters():
+        p.copy_(p.half().float())
+
+
+def make_original_model(seed: int = 0, projector: str = "mlp2x_gelu", vision: dict[str, Any] | None = None, **options):
+    """A transformers LLaVA whose weights are exactly representable in fp16; ``projector="linear"`` swaps the
+    projector for one ``nn.Linear`` (original LLaVA's ``linear`` type, which llava-hf lacks; transformers just
+    calls the module). ``vision`` overrides CLIP config fields."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = hf_config(**options)
+    for key, value in (vision or {}).items():
+        setattr(config.vision_config, key, value)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    if projector == "linear":
+        model.model.multi_modal_projector = torch.nn.Linear(config.vision_config.hidden_size, 64)
+    spread_weights(model, seed)
+    round_to_fp16(model)
+    return model
+
+
+def original_state(model, tower_inside: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(llava_tensors, clip_vision_tensors)`` in original names: ``model.*``/``lm_head.*``/``model.mm_projector.*``
+    (+ stale ``rotary_emb.inv_freq``) and CLIP's ``vision_model.*`` (inside the LLaVA ones if ``tower_inside``)."""
+    llava, clip = {}, {}
+    for key, value in model.state_dict().items():
+        value = value.detach().clone()
+        if key.startswith("model.language_model."):
+            llava["model." + key[len("model.language_model.") :]] = value
+        elif key == "lm_head.weight":
+            llava[key] = value
+        elif key.startswith("model.multi_modal_projector."):
+            rest = key[len("model.multi_modal_projector.") :]
+            rest = rest.replace("linear_1.", "0.").replace("linear_2.", "2.")
+            llava["model.mm_projector." + rest] = value
+        elif key.startswith("model.vision_tower."):
+            name = "vision_model." + key[len("model.vision_tower.") :]
+            if tower_inside:
+                llava["model.vision_tower.vision_tower." + name] = value
+            else:
+                clip[name] = value
+        else:
+            raise KeyError(key)
+    text = model.config.text_config
+    for i in range(text.num_hidden_layers):
+        llava[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(text.head_dim // 2)
+    return llava, clip
+
+
+def original_config(model, projector: str = "mlp2x_gelu", **overrides) -> dict[str, Any]:
+    """An original ``config.json``: flat LLaMA fields plus the ``mm_*`` ones (v1.5 values)."""
+    text, vision = model.config.text_config, model.config.vision_config
+    strategy = model.config.vision_feature_select_strategy
+    config = {
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava",
+        "vocab_size": text.vocab_size,
+        "hidden_size": text.hidden_size,
+        "intermediate_size": text.intermediate_size,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": text.num_key_value_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": text.rms_norm_eps,
+        "max_position_embeddings": text.max_position_embeddings,
+        "rope_theta": text.rope_parameters["rope_theta"],
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "torch_dtype": "float16",
+        "image_aspect_ratio": "pad",
+        "mm_hidden_size": vision.hidden_size,
+        "mm_projector_type": projector,
+        "mm_vision_select_layer": model.config.vision_feature_layer,
+        "mm_vision_select_feature": "cls_patch" if strategy == "full" else "patch",
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "mm_patch_merge_type": "flat",
+        "use_mm_proj": True,
+    }
+    config.update(overrides)
+    return config
+
+
+def write_bin_shards(tensors: dict[str, torch.Tensor], directory: Path, shards: int = 2) -> None:
+    """``pytorch_model-0000i-of-0000n.bin`` + ``pytorch_model.bin.index.json``, as the released checkpoints."""
+    names = list(tensors)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        chunk = {k: tensors[k] for k in names[i * per : (i + 1) * per]}
+        torch.save(chunk, directory / file)
+        weight_map.update(dict.fromkeys(chunk, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_original(
+    model,
+    directory: Path,
+    *,
+    projector: str = "mlp2x_gelu",
+    tower_inside: bool = False,
+    fmt: str = "bin",
+    shards: int = 2,
+    **config_overrides,
+) -> Path:
+    """An original-layout LLaVA directory (fp16 weights, config, tokenizer-ish files); returns it.
+
+    ``fmt="bin"`` writes pickle shards with an index; ``fmt="safetensors"`` one ``model.safetensors``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    llava, _ = original_state(model, tower_inside)
+    llava = {k: v if k.endswith("inv_freq") else v.half() for k, v in llava.items()}
+    if fmt == "bin":
+        write_bin_shards(llava, directory, shards)
+    else:
+        save_file(llava, directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(original_config(model, projector, **config_overrides)))
+    (directory / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    (directory / "tokenizer.model").write_bytes(b"not a real sentencepiece model")
+    (directory / "tokenizer_config.json").write_text(json.dumps({"legacy": False, "model_max_length": 2048}))
+    (directory / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return directory
+
+
+def save_clip_dir(model, directory: Path, *, fmt: str = "bin", full: bool = True, seed: int = 0) -> Path:
+    """A CLIP checkpoint directory holding ``model``'s vision tower in fp32, as openai/clip-vit-large-patch14-336.
+
+    ``full=True``: a ``CLIPModel`` (``vision_model.*`` plus a text tower, projections and ``logit_scale``, which
+    LLaVA never uses), ``fmt`` ``bin`` or ``safetensors``. ``full=False``: a transformers 5.x ``CLIPVisionModel``
+    save (keys without ``vision_model.``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _, clip = original_state(model)
+    vision = model.config.vision_config.to_dict()
+    if full:
+        gen = torch.Generator().manual_seed(seed)
+        clip["text_model.embeddings.token_embedding.weight"] = torch.randn(50, 16, generator=gen)
+        clip["text_model.final_layer_norm.weight"] = torch.ones(16)
+        clip["text_model.embeddings.position_ids"] = torch.arange(8)[None]
+        clip["visual_projection.weight"] = torch.randn(16, vision["hidden_size"], generator=gen)
+        clip["text_projection.weight"] = torch.randn(16, 16, generator=gen)
+        clip["logit_scale"] = torch.tensor(2.6592)
+        config = {
+            "model_type": "clip",
+            "projection_dim": 16,
+            "text_config": {"hidden_size": 16},
+            "vision_config": vision,
+        }
+    else:
+        clip = {k[len("vision_model.") :]: v for k, v in clip.items()}
+        config = {**vision, "model_type": "clip_vision_model"}
+    if fmt == "bin":
+        torch.save(clip, directory / "pytorch_model.bin")
+    else:
+        save_file(clip, directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config))
+    size = vision["image_size"]
+    preprocessor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "size": {"shortest_edge": size},
+        "crop_size": {"height": size, "width": size},
+        "do_center_crop": True,
+        "resample": 3,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+    }
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return directory
+
+
+def expand_sentinels(ids: torch.Tensor, k: int, placeholder: int) -> torch.Tensor:
+    """Original LLaVA prompt ids (one ``-200`` per image) -> ids with ``k`` placeholders per image; rows must
+    hold the same number of images so they stay equally long."""
+    rows = []
+    for row in ids.tolist():
+        out = []
+        for token in row:
+            out.extend([placeholder] * k if token == SENTINEL else [token])
+        rows.append(out)
+    return torch.tensor(rows)
+
+
+def sentinel_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two rows with ``-200`` sentinels: row 0 one image mid-text and one at the end, row 1 two images at the start."""
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, IMAGE_TOKEN_ID, (2, 14), generator=gen)
+    s = torch.tensor([SENTINEL])
+    row0 = torch.cat([text[0, :5], s, text[0, 5:], s])
+    row1 = torch.cat([s, s, text[1]])
+    return {"input_ids": torch.stack([row0, row1]), "pixel_values": torch.randn(4, 3, 28, 28, generator=gen)}

@@ -1,4 +1,8 @@
-"""``python -m weights_convert SRC DST``: convert a LLaVA checkpoint into the minillava layout."""
+"""Convert LLaVA checkpoints into the minillava layout, or export a minillava checkpoint back to llava-hf.
+
+python -m weights_convert SRC DST [--vision-tower CLIP_DIR]   llava-hf or original LLaVA -> minillava
+python -m weights_convert --to hf SRC DST [--pad-vocab]       minillava -> llava-hf
+"""
 
 from __future__ import annotations
 
@@ -8,60 +12,98 @@ from pathlib import Path
 
 import torch
 
-from .convert import convert
-from .hf_llava import HfLlavaSource, read_json
+from .convert import convert, detect
+from .to_hf import export_hf
 
-SOURCES = (HfLlavaSource,)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DEFAULT_SHARD_SIZE = "2GB"
 
 
 def parse_size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    """``500MB``, ``2GB``, ``1.5GiB`` or a plain byte count -> bytes."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
     upper = text.strip().upper()
-    for unit, factor in units.items():
-        if upper.endswith(unit):
-            return int(float(upper[: -len(unit)]) * factor)
-    return int(upper)
+    try:
+        for unit, factor in units.items():
+            if upper.endswith(unit):
+                value = int(float(upper[: -len(unit)]) * factor)
+                break
+        else:
+            value = int(upper)
+    except ValueError:
+        raise ValueError(f"--max-shard-size {text!r}: expected a size such as 500MB or 2GB") from None
+    if value <= 0:
+        raise ValueError(f"--max-shard-size {text!r}: must be positive")
+    return value
 
 
-def detect(src: Path):
-    config_path = src / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{src}: no config.json; expected a llava-hf or original LLaVA checkpoint directory")
-    config = read_json(config_path)
-    for source in SOURCES:
-        if source.matches(src, config):
-            return source(src)
-    raise ValueError(
-        f"{src}: unknown checkpoint layout (model_type={config.get('model_type')!r}); "
-        f"supported: {', '.join(s.name for s in SOURCES)}"
+class ProgressBar:
+    """A plain progress bar over source files on stderr; silent when stderr is not a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, i: int, n: int, path: Path) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = width * i // max(n, 1)
+        label = "done" if i == n else path.name
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {i}/{n} {label[:60]:<60}")
+        if i == n:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m weights_convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("src", type=Path, help="source checkpoint directory")
+    parser.add_argument("dst", type=Path, help="destination directory (must not exist or be empty, unless --force)")
+    parser.add_argument("--to", choices=("minillava", "hf"), default="minillava", help="output layout")
+    parser.add_argument(
+        "--vision-tower",
+        type=Path,
+        metavar="CLIP_DIR",
+        help="CLIP checkpoint directory for original LLaVA weights without a tower (e.g. clip-vit-large-patch14-336)",
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating weights (default: keep the source's)")
+    parser.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE, help="largest output shard (default 2GB)")
+    parser.add_argument(
+        "--pad-vocab",
+        action="store_true",
+        help="with --to hf: append embedding rows so the image placeholder id is inside the vocabulary",
+    )
+    parser.add_argument("--force", action="store_true", help="replace a non-empty DST once the new one is complete")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m weights_convert", description=__doc__)
-    parser.add_argument("src", type=Path, help="source checkpoint directory")
-    parser.add_argument("dst", type=Path, help="destination directory (must not exist or be empty)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep the source dtype)")
-    parser.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 500MB (default 2GB)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty DST once the new one is complete")
-    parser.add_argument("--verbose", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    progress = ProgressBar(sys.stderr.isatty())
     try:
-        source = detect(args.src)
-        convert(
-            source,
-            args.dst,
-            dtype=DTYPES.get(args.dtype),
-            max_shard_bytes=parse_size(args.max_shard_size),
-            force=args.force,
-        )
+        max_shard_bytes = parse_size(args.max_shard_size)
+        dtype = DTYPES.get(args.dtype)
+        if args.to == "hf":
+            if args.vision_tower is not None:
+                raise ValueError("--vision-tower is for converting original LLaVA checkpoints, not for --to hf")
+            export_hf(args.src, args.dst, dtype, max_shard_bytes, args.force, args.pad_vocab, progress)
+            origin = "minillava"
+        else:
+            if args.pad_vocab:
+                raise ValueError("--pad-vocab only applies to --to hf")
+            source = detect(args.src, vision_tower=args.vision_tower)
+            convert(source, args.dst, dtype, max_shard_bytes, args.force, progress)
+            origin = source.name
     except (OSError, ValueError, KeyError) as err:
         if args.verbose:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line, whatever the message holds
+        print(f"error: {message}", file=sys.stderr)
         return 1
-    print(f"wrote {args.dst} (from {source.name})")
+    print(f"wrote {args.dst} ({args.to} layout, from {origin})")
     return 0
 
 

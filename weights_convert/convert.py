@@ -1,72 +1,516 @@
-"""Streaming conversion: one source file in memory at a time, shards written as they fill."""
+"""The streaming machinery every layout shares: read tensors safely, plan, write shards as tensors arrive.
+
+A conversion first reads only the headers of the source files (safetensors headers; for ``.bin`` pickles, the
+metadata of a memory-mapped, ``weights_only`` load) and checks every name and shape against the model the config
+describes, so a bad checkpoint fails before a byte is written. Then it reads one source file at a time and writes
+each tensor straight to its precomputed place in the output shards: memory holds one source file's pages and one
+tensor, never an output shard.
+"""
 
 from __future__ import annotations
 
+import json
+import pickle
+import re
 import shutil
+import struct
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from minillava.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, atomic_directory, cast, check_state
+from minillava.checkpoint import (
+    DEFAULT_SHARD_BYTES,
+    CheckpointError,
+    atomic_directory,
+    build_empty,
+    cast,
+    load_state,
+    safetensors_files,
+)
+from minillava.config import LlavaConfig
+from minillava.model import Llava
 
-from .keymaps import UnmappedKeyError
+from .keymaps import MINILLAVA, KeyMap, UnmappedKeyError
+
+# torch.load(weights_only=True) can be escaped on torch < 2.6 (CVE-2025-32434) and corrupts memory on hostile input
+# before 2.10 (CVE-2026-24747): older versions get no pickle at all.
+MIN_TORCH_FOR_PICKLES = (2, 10)
+
+WEIGHT_LAYOUTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+DTYPE_FROM_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-def list_keys(files: list[Path]) -> list[str]:
-    keys = []
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys.extend(f.keys())
-    return keys
+class ConversionError(ValueError):
+    """A checkpoint this converter cannot or will not turn into a minillava model; the message says why."""
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    for path in files:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or a ``ValueError`` naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+# --- finding and reading weight files --------------------------------------------------------------------------
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a transformers-style directory, safetensors preferred, in index order."""
+    for index_name, single_name in WEIGHT_LAYOUTS:
+        index = directory / index_name
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index}: no 'weight_map'; the index is damaged")
+            files = [directory / name for name in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{index} names shard(s) missing from {directory}: {', '.join(missing)}; download them again"
+                )
+            return files
+        if (directory / single_name).is_file():
+            return [directory / single_name]
+    looked = ", ".join(f"{single}[.index.json]" for _, single in WEIGHT_LAYOUTS)
+    raise FileNotFoundError(f"{directory}: no weight files (looked for {looked})")
+
+
+def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.bin`` state dict, memory-mapped, through torch's ``weights_only`` unpickler: tensors and plain
+    containers only. A pickle that would call anything else is refused before it runs."""
+    if tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) < MIN_TORCH_FOR_PICKLES:
+        raise ConversionError(
+            f"{path}: refusing to read a pickle with torch {torch.__version__}: weights_only loading is unsafe before "
+            f"torch {'.'.join(map(str, MIN_TORCH_FOR_PICKLES))}; upgrade torch"
+        )
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap can only be used" not in str(err):
+                raise
+            # Legacy (pre-zip) torch.save files cannot be mapped; they are still read with weights_only.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed global| Please|\n|$)", str(err))
+        detail = f" ({reason.group(1).strip()})" if reason else ""
+        raise ConversionError(
+            f"{path}: refused: the pickle asks to run something other than tensor loading{detail}; nothing was "
+            "executed. Only load it if you trust its origin, and then re-save it as safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise OSError(f"{path}: cannot read this torch pickle ({first_line}); is the file truncated?") from None
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ConversionError(f"{path}: entries that are not named tensors: {', '.join(map(str, bad[:10]))}")
+    return state
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+MAX_HEADER_BYTES = 100 * 10**6  # safetensors' own limit
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[TensorMeta, int]]:
+    """``{name: (meta, absolute byte offset)}`` from a safetensors file's header, checked against its size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
+            raise OSError(f"{path}: not a safetensors file, or truncated (header length {length}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise OSError(f"{path}: the safetensors header is not valid JSON; is the file damaged?") from None
+    start = 8 + length
+    entries = {}
+    try:
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = DTYPE_FROM_SAFETENSORS.get(info["dtype"])
+            if dtype is None:
+                raise ConversionError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            meta = TensorMeta(tuple(int(d) for d in info["shape"]), dtype)
+            begin, end = (int(x) for x in info["data_offsets"])
+            if end - begin != meta.nbytes or begin < 0:
+                raise OSError(f"{path}: tensor {name} has {end - begin} bytes for shape {list(meta.shape)}; damaged")
+            if start + end > size:
+                raise OSError(
+                    f"{path}: tensor {name} ends at byte {start + end} but the file has {size} bytes; is it truncated?"
+                )
+            entries[name] = (meta, start + begin)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        if isinstance(err, ConversionError):
+            raise
+        raise OSError(f"{path}: malformed safetensors header ({err!r}); is the file damaged?") from None
+    return entries
+
+
+def read_meta(path: Path) -> dict[str, TensorMeta]:
+    """Names, shapes and dtypes of a weight file, without reading its data."""
+    if path.suffix == ".safetensors":
+        return {name: meta for name, (meta, _) in safetensors_header(path).items()}
+    state = load_pickle_weights(path)
+    return {k: TensorMeta(tuple(v.shape), v.dtype) for k, v in state.items()}
+
+
+@contextmanager
+def open_tensors(path: Path, mapped: bool = False) -> Iterator[Callable[[str], torch.Tensor]]:
+    """Yield a getter for the tensors of one weight file.
+
+    ``mapped=False`` (conversion) reads each safetensors tensor into its own buffer, so memory holds one tensor at
+    a time whatever the shard size. ``mapped=True`` (loading) returns memory-mapped tensors that stay valid after
+    the file is closed. ``.bin`` pickles are always memory-mapped: their touched pages stay resident until the
+    file's last tensor is released, so a conversion holds at most one ``.bin`` shard.
+    """
+    if path.suffix != ".safetensors":
+        state = load_pickle_weights(path)
+        yield state.__getitem__
+        del state
+    elif mapped:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except (OSError, RuntimeError) as err:
-            raise OSError(f"{path}: cannot read ({err}); is the file truncated?") from None
+                yield f.get_tensor
+        except SafetensorError as err:
+            raise OSError(f"{path}: cannot read safetensors file ({err}); is it truncated?") from None
+    else:
+        entries = safetensors_header(path)
+        with open(path, "rb") as f:
+
+            def read(name: str) -> torch.Tensor:
+                meta, offset = entries[name]
+                if meta.nbytes == 0:
+                    return torch.empty(meta.shape, dtype=meta.dtype)
+                buffer = bytearray(meta.nbytes)
+                f.seek(offset)
+                if f.readinto(buffer) != meta.nbytes:
+                    raise OSError(f"{path}: tensor {name} is cut short; is the file truncated?")
+                return torch.frombuffer(buffer, dtype=meta.dtype).reshape(meta.shape)
+
+            yield read
+
+
+# --- sources and the plan --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Part:
+    """One source weight file and the key table that names its tensors."""
+
+    path: Path
+    keymap: KeyMap
+    meta: dict[str, TensorMeta]
+    dtype: torch.dtype | None = None  # floating tensors are cast to this unless the caller asks for a dtype
+
+
+class Source(Protocol):
+    """A checkpoint layout this package reads (see ``hf_llava`` and ``original_llava``)."""
+
+    name: str
+    directory: Path
+
+    def config(self) -> LlavaConfig: ...
+
+    def parts(self) -> list[Part]: ...
+
+    def carried_files(self) -> list[Path]: ...
+
+
+@dataclass(frozen=True)
+class Planned:
+    ours: str
+    theirs: str
+    meta: TensorMeta
+    dtype: torch.dtype | None = None  # the part's default cast
+
+    def target(self, wanted: torch.dtype | None) -> torch.dtype | None:
+        """The dtype to cast to: the caller's choice, else the part's default, else none (keep)."""
+        return wanted if wanted is not None else self.dtype
+
+
+def plan(source: Source, config: LlavaConfig) -> list[tuple[Path, list[Planned]]]:
+    """Map every source tensor to its minillava name and check the whole set before any data is read.
+
+    Raises ``CheckpointError`` naming unmapped, duplicated, unexpected and mis-shaped tensors (by their names in
+    the source files) and missing ones (by minillava name).
+    """
+    expected = {k: tuple(v.shape) for k, v in build_empty(config).state_dict().items()}
+    origin: dict[str, str] = {}
+    misshaped: set[str] = set()
+    problems: dict[str, list[str]] = {"unexpected tensors": [], "tensors given twice": [], "wrong shapes": []}
+    result = []
+    for part in source.parts():
+        planned = []
+        for theirs, meta in part.meta.items():
+            where = f"{theirs} (in {part.path.name})"
+            try:
+                ours = part.keymap.to_ours(theirs)
+            except UnmappedKeyError:
+                problems["unexpected tensors"].append(where)
+                continue
+            # transformers 5.x may save lm_head even when it is tied to the embedding: nothing to keep.
+            if ours is None or (ours == "llm.lm_head.weight" and config.text.tie_word_embeddings):
+                continue
+            if ours not in expected:
+                problems["unexpected tensors"].append(where)
+            elif ours in origin:
+                problems["tensors given twice"].append(f"{ours} (as {origin[ours]} and as {where})")
+            elif meta.shape != expected[ours]:
+                misshaped.add(ours)
+                problems["wrong shapes"].append(f"{where} is {list(meta.shape)}, expected {list(expected[ours])}")
+            else:
+                origin[ours] = where
+                planned.append(Planned(ours, theirs, meta, part.dtype))
+        if planned:
+            result.append((part.path, planned))
+    problems["missing tensors"] = sorted(set(expected) - set(origin) - misshaped)
+    found = [f"{kind}: {', '.join(items)}" for kind, items in problems.items() if items]
+    if found:
+        raise CheckpointError(
+            f"{source.directory}: " + "; ".join(found) + f". Is this the {source.name} checkpoint its config describes?"
+        )
+    return result
+
+
+def detect(directory: str | Path, vision_tower: str | Path | None = None) -> Source:
+    """The source object for a checkpoint directory, chosen from its ``config.json``.
+
+    Raises ``ConversionError`` listing the supported layouts and what was found when none fits.
+    """
+    from .hf_llava import HfLlavaSource
+    from .original_llava import OriginalLlavaSource
+
+    sources = (HfLlavaSource, OriginalLlavaSource)
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: not a directory")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{directory}: no config.json; expected a minillava, llava-hf or original LLaVA checkpoint directory"
+        )
+    raw = read_json(config_path)
+    if raw.get("format") == "minillava":
+        return MinillavaSource(directory)
+    for source in sources:
+        if source.matches(directory, raw):
+            return source(directory, vision_tower=vision_tower)
+    marks = [f"model_type={raw.get('model_type')!r}"]
+    marks += [f"has {key}" for key in ("text_config", "mm_vision_tower", "mm_hidden_size") if key in raw]
+    weights = sorted(p.name for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    marks.append(f"weight files: {', '.join(weights[:4]) + (' ...' if len(weights) > 4 else '') or 'none'}")
+    supported = "; ".join(f"{s.name} ({s.description})" for s in sources)
+    raise ConversionError(f"{config_path}: unknown checkpoint layout ({', '.join(marks)}). Supported: {supported}")
+
+
+class MinillavaSource:
+    """A minillava checkpoint as a source: converting it again re-casts (``--dtype``) or re-shards it."""
+
+    name = "minillava"
+    description = "a converted checkpoint, to re-cast or re-shard it"
+
+    def __init__(self, directory: Path, vision_tower: str | Path | None = None) -> None:
+        if vision_tower is not None:
+            raise ValueError(f"{directory} is a minillava checkpoint with its own vision tower; drop --vision-tower")
+        self.directory = Path(directory)
+
+    def config(self) -> LlavaConfig:
+        return LlavaConfig.load(self.directory)
+
+    def parts(self) -> list[Part]:
+        return [Part(path, MINILLAVA, read_meta(path)) for path in safetensors_files(self.directory)]
+
+    def carried_files(self) -> list[Path]:
+        from .hf_llava import CARRIED_FILES
+
+        return [self.directory / name for name in CARRIED_FILES if (self.directory / name).is_file()]
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+
+class StreamingShardWriter:
+    """Safetensors shards whose layout is fixed up front, so each tensor is written the moment it arrives.
+
+    ``entries`` (name, shape, dtype) are cut into shards of at most ``max_shard_bytes`` in the given order. Every
+    shard file gets its header and full length at once; :meth:`write` puts a tensor's bytes at its offset. Nothing
+    is buffered, unlike ``safetensors.save_file``, which needs (and copies) a whole shard in memory.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        base: str = "model",
+    ) -> None:
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        shards: list[list[tuple[str, TensorMeta]]] = [[]]
+        size = 0
+        for name, shape, dtype in entries:
+            meta = TensorMeta(tuple(shape), dtype)
+            if shards[-1] and size + meta.nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, meta))
+            size += meta.nbytes
+        n = len(shards)
+        names = [f"{base}.safetensors"] if n == 1 else [f"{base}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.files = [directory / name for name in names]
+        self.index_path = None if n == 1 else directory / f"{base}.safetensors.index.json"
+        self.slots: dict[str, tuple[Path, int, TensorMeta]] = {}
+        self.total_bytes = 0
+        for path, shard in zip(self.files, shards, strict=True):
+            self._lay_out(path, shard)
+        self.written: set[str] = set()
+
+    def _lay_out(self, path: Path, shard: list[tuple[str, TensorMeta]]) -> None:
+        # Widest dtypes first keeps every tensor aligned to its element size, as safetensors' own writer does.
+        ordered = sorted(shard, key=lambda item: -item[1].dtype.itemsize)
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, meta in ordered:
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[meta.dtype],
+                "shape": list(meta.shape),
+                "data_offsets": [offset, offset + meta.nbytes],
+            }
+            offset += meta.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        start = 8 + len(blob)
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            f.truncate(start + offset)
+        for name, meta in ordered:
+            self.slots[name] = (path, start + header[name]["data_offsets"][0], meta)
+        self.total_bytes += offset
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        path, offset, meta = self.slots[name]
+        if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
+            raise CheckpointError(
+                f"{name}: got {list(tensor.shape)} {tensor.dtype}, planned {list(meta.shape)} {meta.dtype}"
+            )
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(memoryview(data))
+        self.written.add(name)
+
+    def close(self) -> None:
+        """Check that every planned tensor was written and write the index for a sharded checkpoint."""
+        missing = sorted(set(self.slots) - self.written)
+        if missing:
+            raise CheckpointError(f"tensors planned but never written: {', '.join(missing)}")
+        if self.index_path is not None:
+            weight_map = {name: path.name for name, (path, _, _) in self.slots.items()}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            self.index_path.write_text(json.dumps(index, indent=2) + "\n")
+
+
+ProgressFn = Callable[[int, int, Path], None]
+
+
+def out_dtype(dtype: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
+    return wanted if wanted is not None and dtype.is_floating_point else dtype
 
 
 def convert(
-    source,
-    dst: Path,
+    source: Source,
+    dst: str | Path,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     force: bool = False,
-    progress: Callable[[str], None] | None = None,
-) -> None:
-    """Write ``source`` (a layout object from ``hf_llava``/...) to ``dst`` in the minillava layout."""
-    from minillava.checkpoint import build_empty
+    progress: ProgressFn | None = None,
+) -> LlavaConfig:
+    """Write ``source`` to ``dst`` in the minillava layout, atomically, one source file in memory at a time.
 
+    Args:
+        source: from :func:`detect`.
+        dst: destination directory; must not exist or be empty unless ``force``.
+        dtype: cast floating weights (default: keep the source's dtype; a source may cast an auxiliary part, e.g.
+            the original layout casts the CLIP tower to the LLaVA weights' dtype).
+        max_shard_bytes: largest output shard.
+        force: replace a non-empty ``dst``, only once the new checkpoint is complete.
+        progress: called as ``progress(i, n, path)`` before each source file.
+    """
     config = source.config()
-    expected = {k: v.shape for k, v in build_empty(config).state_dict().items()}
-    keymap = source.keymap(list_keys(source.files))
-    found: dict[str, torch.Size] = {}
-    unmapped: list[str] = []
+    files = plan(source, config)
+    entries = [
+        (p.ours, p.meta.shape, out_dtype(p.meta.dtype, p.target(dtype))) for _, planned in files for p in planned
+    ]
     with atomic_directory(dst, force=force) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes)
-        for path in source.files:
+        writer = StreamingShardWriter(tmp, entries, max_shard_bytes)
+        for i, (path, planned) in enumerate(files):
             if progress:
-                progress(path.name)
-            for their_key, tensor in iter_tensors([path]):
-                try:
-                    ours = keymap.to_ours(their_key)
-                except UnmappedKeyError:
-                    unmapped.append(their_key)
-                    continue
-                if ours is None or (ours == "llm.lm_head.weight" and config.text.tie_word_embeddings):
-                    continue
-                found[ours] = tensor.shape
-                writer.add(ours, cast(tensor, dtype))
-        if unmapped:
-            raise ValueError(f"{source.directory}: no rule of layout {keymap.name!r} maps: {', '.join(unmapped)}")
-        check_state(expected, found, str(source.directory))
+                progress(i, len(files), path)
+            with open_tensors(path) as get:
+                for p in planned:
+                    writer.write(p.ours, cast(get(p.theirs), p.target(dtype)))
+        if progress:
+            progress(len(files), len(files), files[-1][0])
         writer.close()
         config.save(tmp)
         for extra in source.carried_files():
             shutil.copy2(extra, tmp / extra.name)
+    return config
+
+
+def load_source(source: Source, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Llava:
+    """Build a ``Llava`` straight from an unconverted checkpoint: the same plan, no copy on disk."""
+    config = source.config()
+    model = build_empty(config)
+    state = {}
+    for path, planned in plan(source, config):
+        with open_tensors(path, mapped=True) as get:
+            for p in planned:
+                state[p.ours] = cast(get(p.theirs), p.target(dtype)).to(device)
+    return load_state(model, state, str(source.directory), device)

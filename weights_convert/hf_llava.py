@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from minillava.checkpoint import safetensors_files
 from minillava.config import CLIP_MEAN, CLIP_STD, ImageConfig, LlavaConfig, TextConfig, VisionConfig
 
+from .convert import Part, read_json, read_meta, weight_files
 from .keymaps import HF_V4, HF_V5, KeyMap
 
 # transformers' defaults for fields a config.json may leave out (LlamaConfig, and LlavaConfig's CLIP-L/336).
@@ -34,21 +33,18 @@ CLIP_DEFAULTS = {
     "layer_norm_eps": 1e-5,
     "hidden_act": "quick_gelu",
 }
-# Tokenizer and generation files carried into the converted directory as they are.
+# Tokenizer, chat-template and generation files carried into the converted directory as they are (the JSON
+# tokenizer and chat template are not used by minillava, but an export back to llava-hf hands them on).
 CARRIED_FILES = (
     "tokenizer.model",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
+    "tokenizer.json",
+    "chat_template.json",
+    "chat_template.jinja",
     "generation_config.json",
 )
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
 def rope_from_hf(text: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -148,14 +144,19 @@ def config_from_hf(hf: dict[str, Any], preprocessor: dict[str, Any] | None = Non
 
 
 class HfLlavaSource:
-    """A llava-hf directory: ``config.json`` with ``model_type: llava`` and ``text_config``, safetensors weights."""
+    """A llava-hf directory: ``config.json`` with ``model_type: llava`` and ``text_config``."""
 
     name = "llava-hf"
+    description = "LlavaForConditionalGeneration as transformers 4.x or 5.x saves it, e.g. llava-hf/llava-1.5-7b-hf"
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.hf_config = read_json(directory / "config.json")
-        self.files = safetensors_files(directory)
+    def __init__(self, directory: Path, vision_tower: str | Path | None = None) -> None:
+        if vision_tower is not None:
+            raise ValueError(
+                f"{directory} is a llava-hf checkpoint, which carries its vision tower; drop --vision-tower"
+            )
+        self.directory = Path(directory)
+        self.hf_config = read_json(self.directory / "config.json")
+        self.files = weight_files(self.directory)
 
     @staticmethod
     def matches(directory: Path, config: dict[str, Any]) -> bool:
@@ -175,6 +176,11 @@ class HfLlavaSource:
         if any(k.startswith("vision_tower.vision_model.") for k in keys):
             return HF_V4
         return HF_V5
+
+    def parts(self) -> list[Part]:
+        metas = [(path, read_meta(path)) for path in self.files]
+        keymap = self.keymap([key for _, meta in metas for key in meta])
+        return [Part(path, keymap, meta) for path, meta in metas]
 
     def carried_files(self) -> list[Path]:
         return [self.directory / name for name in CARRIED_FILES if (self.directory / name).is_file()]

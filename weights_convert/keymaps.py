@@ -57,3 +57,37 @@ HF_V4 = KeyMap(
 )
 # llava-hf as saved by transformers 5.x: the vision tower lost its ``vision_model.`` level.
 HF_V5 = KeyMap("llava-hf (transformers 5.x)", (*LLM_HF, *PROJECTOR_HF, ("vision.", "vision_tower.")), STALE_BUFFERS)
+
+# Original LLaVA (haotian-liu/LLaVA ``LlavaLlamaForCausalLM``, and InternVL's ``internvl_chat_llava`` copy). The
+# decoder sits at the top level (``model.*``, ``lm_head``); the projector and an unfrozen tower live under ``model.``
+# too, so their rules come before the decoder's catch-all ``model.``. The ``nn.Sequential`` projector numbers its
+# Linears 0, 2, 4, ... (the GELUs in between hold no tensors).
+ORIGINAL_TOWER = (("vision.", "model.vision_tower.vision_tower.vision_model."),)
+ORIGINAL_LLM = (("llm.lm_head.", "lm_head."), ("llm.", "model."))
+
+
+def original_projector_rules(depth: int) -> tuple[tuple[str, str], ...]:
+    """Projector rules for ``linear`` (depth 1, a bare Linear), ``mlpNx_gelu`` (depth N) or ``identity`` (0)."""
+    if depth == 1:
+        return (("projector.layers.0.", "model.mm_projector."),)
+    return tuple((f"projector.layers.{i}.", f"model.mm_projector.{2 * i}.") for i in range(depth))
+
+
+def original_keymap(projector_type: str, depth: int) -> KeyMap:
+    """The original layout for a projector of ``depth`` Linears (the tower rule only matters when it is inside)."""
+    return KeyMap(
+        f"original LLaVA ({projector_type})",
+        (*original_projector_rules(depth), *ORIGINAL_TOWER, *ORIGINAL_LLM),
+        STALE_BUFFERS,
+    )
+
+
+# What LLaVA takes from a separate CLIP checkpoint: the vision tower only.
+CLIP_UNUSED = (r"^text_model\.", r"^visual_projection\.", r"^text_projection\.", r"^logit_scale$")
+# A full ``CLIPModel`` or a transformers 4.x ``CLIPVisionModel`` (openai/clip-vit-large-patch14-336 on the hub).
+CLIP_V4 = KeyMap("CLIP (vision_model.*)", (("vision.", "vision_model."),), (*STALE_BUFFERS, *CLIP_UNUSED))
+# A ``CLIPVisionModel`` saved by transformers 5.x: no ``vision_model.`` level.
+CLIP_V5 = KeyMap("CLIP (transformers 5.x CLIPVisionModel)", (("vision.", ""),), STALE_BUFFERS)
+
+# minillava itself (re-casting or re-sharding a converted checkpoint): names are already ours.
+MINILLAVA = KeyMap("minillava", (("", ""),))

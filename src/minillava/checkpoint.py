@@ -100,18 +100,61 @@ def load_state(model: Llava, state: dict[str, torch.Tensor], where: str, device=
     return model.eval()
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Llava:
-    """Load a converted minillava checkpoint directory.
+def is_minillava_dir(path: Path) -> bool:
+    """Whether ``path/config.json`` is a minillava config (anything else goes through ``weights_convert``)."""
+    try:
+        return json.loads((path / "config.json").read_text()).get("format") == "minillava"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _unconverted_source(path: Path, vision_tower: str | os.PathLike | None):
+    # Lazy: weights_convert is only needed for directories that were never converted.
+    from weights_convert.convert import detect
+
+    return detect(path, vision_tower=vision_tower)
+
+
+def load_config(path: str | os.PathLike, vision_tower: str | os.PathLike | None = None) -> LlavaConfig:
+    """The ``LlavaConfig`` of a minillava directory, or of an unconverted llava-hf / original LLaVA directory as
+    :func:`load` would build it (image settings, placeholder id, chat template and generation defaults included)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory")
+    if is_minillava_dir(path):
+        if vision_tower is not None:
+            raise ValueError(f"{path} is a converted minillava checkpoint with its own vision tower; drop vision_tower")
+        return LlavaConfig.load(path)
+    return _unconverted_source(path, vision_tower).config()
+
+
+def load(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    vision_tower: str | os.PathLike | None = None,
+) -> Llava:
+    """Load a checkpoint directory: minillava, or an unconverted llava-hf or original LLaVA one.
+
+    Unconverted directories are mapped on the fly with the converter's key tables (no copy on disk); their
+    tokenizer files stay where they are. Weights are memory-mapped and cast once, so RAM holds the model once.
 
     Args:
-        path: a directory written by ``python -m weights_convert`` or :func:`save`.
+        path: a directory written by ``python -m weights_convert`` or :func:`save`, or a llava-hf / original
+            LLaVA checkpoint directory.
         dtype: cast floating weights to this dtype (default: keep the stored dtype).
         device: where the weights go.
+        vision_tower: for an original LLaVA directory whose weights lack the vision tower, the CLIP checkpoint
+            directory to take it from.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory")
-    config = LlavaConfig.load(path)
+    if not is_minillava_dir(path):
+        from weights_convert.convert import load_source
+
+        return load_source(_unconverted_source(path, vision_tower), dtype, device)
+    config = load_config(path, vision_tower)
     model = build_empty(config)
     files = safetensors_files(path)
     state = {name: cast(t, dtype).to(device) for name, t in iter_safetensors(files)}

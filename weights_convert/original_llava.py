@@ -1,0 +1,263 @@
+"""Original LLaVA checkpoints (haotian-liu/LLaVA ``LlavaLlamaForCausalLM``; InternVL's ``internvl_chat_llava``).
+
+``config.json`` is a flat LLaMA config plus the ``mm_*`` fields; weights are ``pytorch_model-*.bin`` shards (or
+safetensors) holding ``model.*``, ``lm_head.*`` and ``model.mm_projector.*``. The released checkpoints hold no
+CLIP weights: the tower comes from a separate CLIP directory (``--vision-tower``), unless the checkpoint was trained
+with the tower unfrozen and carries it as ``model.vision_tower.vision_tower.vision_model.*``; then those win.
+The vocabulary has no ``<image>`` token, so the placeholder id is ``vocab_size``: never embedded (fusion overwrites
+placeholder rows) and never generated (the head has ``vocab_size`` columns).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minillava.chat import default_template_for
+from minillava.config import LlavaConfig, VisionConfig, projector_depth
+
+from .convert import ConversionError, Part, TensorMeta, read_json, read_meta, weight_files
+from .hf_llava import CARRIED_FILES, image_config_from_preprocessor, text_config_from_hf
+from .keymaps import CLIP_V4, CLIP_V5, original_keymap
+
+TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
+# transformers' CLIPVisionConfig defaults: what a CLIP config.json that leaves a field out means.
+CLIP_VISION_DEFAULTS = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "image_size": 224,
+    "patch_size": 32,
+    "num_channels": 3,
+    "layer_norm_eps": 1e-5,
+    "hidden_act": "quick_gelu",
+}
+# OpenAI CLIP ViTs (B/32, B/16, L/14, L/14-336) all use 64-wide attention heads.
+CLIP_HEAD_DIM = 64
+
+
+def template_source_path(directory: Path) -> str:
+    """The path whose name picks the chat template (original LLaVA's CLI rule, ``minillava.chat``); a Hugging Face
+    cache snapshot (``models--org--name/snapshots/<hash>``) stands for its repository ``org/name``."""
+    parts = directory.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--") :].replace("--", "/")
+    return str(directory.resolve())
+
+
+def clip_vision_fields(clip: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The vision part of a CLIP ``config.json``: a full ``CLIPModel`` (``vision_config``) or a ``CLIPVisionModel``."""
+    model_type = clip.get("model_type")
+    if model_type == "clip":
+        # Old hub configs carry ``vision_config_dict`` next to ``vision_config``; transformers lets it win.
+        fields = {**(clip.get("vision_config") or {}), **(clip.get("vision_config_dict") or {})}
+    elif model_type == "clip_vision_model":
+        fields = clip
+    else:
+        raise ConversionError(
+            f"{path}: not a CLIP checkpoint (model_type={model_type!r}); --vision-tower needs a CLIPModel or "
+            "CLIPVisionModel directory such as openai/clip-vit-large-patch14-336"
+        )
+    return {**CLIP_VISION_DEFAULTS, **{k: v for k, v in fields.items() if v is not None}}
+
+
+def vision_from_clip_config(fields: dict[str, Any]) -> VisionConfig:
+    return VisionConfig(
+        hidden_size=fields["hidden_size"],
+        intermediate_size=fields["intermediate_size"],
+        num_layers=fields["num_hidden_layers"],
+        num_heads=fields["num_attention_heads"],
+        image_size=fields["image_size"],
+        patch_size=fields["patch_size"],
+        num_channels=fields["num_channels"],
+        layer_norm_eps=fields["layer_norm_eps"],
+        hidden_act=fields["hidden_act"],
+    )
+
+
+def vision_from_shapes(meta: dict[str, TensorMeta], where: Path) -> VisionConfig:
+    """A tower's config read off its tensors (for checkpoints that carry the tower but no CLIP config).
+
+    Widths, depth, patch and image size follow from the shapes; the head count does not, so OpenAI CLIP's
+    64-wide heads, QuickGELU and eps 1e-5 are assumed (pass --vision-tower to take them from a config instead).
+    """
+
+    def shape(name: str) -> tuple[int, ...]:
+        key = TOWER_PREFIX + name
+        if key not in meta:
+            raise ConversionError(f"{where}: the vision tower in the weights lacks {key}")
+        return meta[key].shape
+
+    hidden, channels, patch, _ = shape("embeddings.patch_embedding.weight")
+    positions = shape("embeddings.position_embedding.weight")[0]
+    side = math.isqrt(positions - 1)
+    if side * side != positions - 1:
+        raise ConversionError(f"{where}: {positions} position embeddings are not 1 + a square number of patches")
+    layers = {
+        int(m.group(1)) for k in meta if (m := re.match(re.escape(TOWER_PREFIX) + r"encoder\.layers\.(\d+)\.", k))
+    }
+    if hidden % CLIP_HEAD_DIM:
+        raise ConversionError(
+            f"{where}: cannot tell the vision tower's head count (width {hidden} is not a multiple of "
+            f"{CLIP_HEAD_DIM}); pass --vision-tower DIR with the CLIP config it was trained from"
+        )
+    return VisionConfig(
+        hidden_size=hidden,
+        intermediate_size=shape("encoder.layers.0.mlp.fc1.weight")[0],
+        num_layers=max(layers) + 1 if layers else 0,
+        num_heads=hidden // CLIP_HEAD_DIM,
+        image_size=side * patch,
+        patch_size=patch,
+        num_channels=channels,
+    )
+
+
+class OriginalLlavaSource:
+    """An original LLaVA directory (``model_type`` llava or llava_llama, flat LLaMA config with ``mm_*`` fields)."""
+
+    name = "original LLaVA"
+    description = (
+        "liuhaotian/llava-v1.5-7b/-13b and InternVL internvl_chat_llava: model_type llava or llava_llama with "
+        "mm_* fields, pytorch_model*.bin or safetensors, CLIP tower via --vision-tower"
+    )
+
+    def __init__(self, directory: Path, vision_tower: str | Path | None = None) -> None:
+        self.directory = Path(directory)
+        self.raw = read_json(self.directory / "config.json")
+        self.clip_dir = Path(vision_tower) if vision_tower is not None else None
+        self._check_supported()
+        self.projector_type = self.raw.get("mm_projector_type", "linear")  # original LLaVA's default
+        try:
+            self.depth = projector_depth(self.projector_type)
+        except ValueError as err:
+            raise ConversionError(f"{self.directory / 'config.json'}: mm_projector_type: {err}") from None
+        self.files = weight_files(self.directory)
+        self._metas: list[tuple[Path, dict[str, TensorMeta]]] | None = None
+        self._clip: tuple[dict[str, Any], list[Path]] | None = None
+
+    @staticmethod
+    def matches(directory: Path, config: dict[str, Any]) -> bool:
+        return (
+            config.get("model_type") in ("llava", "llava_llama")
+            and "text_config" not in config
+            and ("mm_vision_tower" in config or "mm_hidden_size" in config)
+        )
+
+    def _check_supported(self) -> None:
+        raw, where = self.raw, self.directory / "config.json"
+        if raw.get("mm_use_im_start_end"):
+            raise ConversionError(
+                f"{where}: mm_use_im_start_end is true (images wrapped in <im_start>/<im_end> tokens); minillava "
+                "implements LLaVA-1.5's plain <image> placement only"
+            )
+        aspect = str(raw.get("image_aspect_ratio") or "")
+        if aspect.startswith("anyres"):
+            raise ConversionError(f"{where}: image_aspect_ratio {aspect!r} (LLaVA-NeXT tiling) is not supported")
+        merge = raw.get("mm_patch_merge_type", "flat")
+        if merge != "flat":
+            raise ConversionError(f"{where}: mm_patch_merge_type {merge!r} is not supported (only 'flat')")
+        for field in ("mm_hidden_size", "mm_vision_select_layer"):
+            if field not in raw:
+                raise ConversionError(f"{where}: no {field}; is this an original LLaVA config?")
+        feature = raw.get("mm_vision_select_feature", "patch")
+        if feature not in ("patch", "cls_patch"):
+            raise ConversionError(f"{where}: mm_vision_select_feature {feature!r} is not supported (patch, cls_patch)")
+
+    def _llava_metas(self) -> list[tuple[Path, dict[str, TensorMeta]]]:
+        if self._metas is None:
+            self._metas = [(path, read_meta(path)) for path in self.files]
+        return self._metas
+
+    def tower_inside(self) -> bool:
+        """Whether the LLaVA weights carry the vision tower (a checkpoint trained with the tower unfrozen)."""
+        return any(k.startswith(TOWER_PREFIX) for _, meta in self._llava_metas() for k in meta)
+
+    def _clip_source(self) -> tuple[dict[str, Any], list[Path]]:
+        """The CLIP directory's vision config fields and weight files."""
+        if self._clip is None:
+            assert self.clip_dir is not None
+            if not self.clip_dir.is_dir():
+                raise FileNotFoundError(f"--vision-tower {self.clip_dir}: not a directory")
+            config_path = self.clip_dir / "config.json"
+            if not config_path.is_file():
+                raise FileNotFoundError(f"--vision-tower {self.clip_dir}: no config.json; expected a CLIP checkpoint")
+            fields = clip_vision_fields(read_json(config_path), config_path)
+            files = [] if self.tower_inside() else weight_files(self.clip_dir)
+            self._clip = fields, files
+        return self._clip
+
+    def _vision(self) -> VisionConfig:
+        if self.clip_dir is not None:
+            vision, origin = vision_from_clip_config(self._clip_source()[0]), f"--vision-tower {self.clip_dir}"
+        elif self.tower_inside():
+            merged = {k: v for _, meta in self._llava_metas() for k, v in meta.items()}
+            vision, origin = vision_from_shapes(merged, self.directory), f"the vision tower in {self.directory}"
+        else:
+            raise ConversionError(
+                f"{self.directory}: the checkpoint holds no vision tower weights; pass --vision-tower DIR "
+                "(vision_tower= in minillava.load), a CLIP checkpoint directory (this one was trained with "
+                f"{self.raw.get('mm_vision_tower')!r})"
+            )
+        mm_hidden = int(self.raw["mm_hidden_size"])
+        if vision.hidden_size != mm_hidden:
+            raise ConversionError(
+                f"{origin}: CLIP width {vision.hidden_size} does not match mm_hidden_size {mm_hidden} of "
+                f"{self.directory / 'config.json'}; use the CLIP checkpoint the model was trained with "
+                f"({self.raw.get('mm_vision_tower')!r})"
+            )
+        return vision
+
+    def config(self) -> LlavaConfig:
+        raw = self.raw
+        vision = self._vision()
+        text = text_config_from_hf({**raw, "model_type": "llama"}, bool(raw.get("tie_word_embeddings", False)))
+        pre = None
+        for directory in (self.directory, self.clip_dir):
+            if directory is not None and (directory / "preprocessor_config.json").is_file():
+                pre = read_json(directory / "preprocessor_config.json")
+                break
+        config = LlavaConfig(
+            vision=vision,
+            text=text,
+            image_token_id=text.vocab_size,
+            projector_type=self.projector_type,
+            projector_bias=True,
+            vision_feature_layer=int(raw["mm_vision_select_layer"]),
+            vision_feature_select_strategy="full" if raw.get("mm_vision_select_feature") == "cls_patch" else "default",
+            image=image_config_from_preprocessor(pre, vision.image_size, pad=raw.get("image_aspect_ratio") == "pad"),
+            chat_template=default_template_for(template_source_path(self.directory), "original"),
+            source_layout="original",
+        )
+        gen_path = self.directory / "generation_config.json"
+        if gen_path.is_file():
+            config.generation = read_json(gen_path)
+        return config
+
+    def parts(self) -> list[Part]:
+        keymap = original_keymap(self.projector_type, self.depth)
+        parts = [Part(path, keymap, meta) for path, meta in self._llava_metas()]
+        if self.tower_inside():
+            return parts
+        if self.clip_dir is None:
+            self._vision()  # raises the "no vision tower" error
+        clip_metas = [(path, read_meta(path)) for path in self._clip_source()[1]]
+        clip_map = CLIP_V4 if any(k.startswith("vision_model.") for _, m in clip_metas for k in m) else CLIP_V5
+        # Original LLaVA casts the separately loaded tower to the model's dtype (fp16 for the releases, whose CLIP
+        # checkpoint is fp32); doing the same keeps one dtype per model and the original's numerics.
+        dtype = self.weights_dtype()
+        return parts + [Part(path, clip_map, meta, dtype) for path, meta in clip_metas]
+
+    def weights_dtype(self) -> torch.dtype | None:
+        """The dtype of the LLaVA weights (of its embedding), which the CLIP tower takes."""
+        for _, meta in self._llava_metas():
+            if "model.embed_tokens.weight" in meta:
+                return meta["model.embed_tokens.weight"].dtype
+        return None
+
+    def carried_files(self) -> list[Path]:
+        return [self.directory / name for name in CARRIED_FILES if (self.directory / name).is_file()]

@@ -1,0 +1,247 @@
+"""Export a minillava checkpoint in the llava-hf layout (``LlavaForConditionalGeneration``).
+
+The weights get the transformers 4.x hub names (``language_model.model.*``, ``language_model.lm_head.weight``,
+``vision_tower.vision_model.*``, ``multi_modal_projector.linear_{1,2}.*``), which every transformers version since
+4.36 and the serving engines that read llava-hf load. ``config.json`` keeps ``rope_theta``/``rope_scaling`` at the
+top of ``text_config`` (the 4.x form, which 5.x also reads). Tensors are copied byte for byte, so converting a
+llava-hf checkpoint and exporting it again gives back the same tensors.
+
+Two things llava-hf cannot express are refused: a projector other than ``mlp2x_gelu``, and a placeholder id
+outside the vocabulary (what original-LLaVA conversions use). transformers looks the placeholder id up in the
+embedding before overwriting it, so it needs a row; ``pad_vocab`` appends rows as llava-hf's own conversion did.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minillava.checkpoint import (
+    DEFAULT_SHARD_BYTES,
+    atomic_directory,
+    build_empty,
+    cast,
+    check_state,
+    safetensors_files,
+)
+from minillava.config import LlavaConfig
+
+from .convert import ConversionError, ProgressFn, StreamingShardWriter, open_tensors, out_dtype, read_meta
+from .hf_llava import CARRIED_FILES
+from .keymaps import HF_V4, UnmappedKeyError
+
+IMAGE_TOKEN = "<image>"
+VOCAB_MULTIPLE = 64  # llava-hf pads 32002 -> 32064 for tensor-core friendly shapes
+PADDED_TENSORS = ("llm.embed_tokens.weight", "llm.lm_head.weight")
+TOKENIZER_FILES = tuple(name for name in CARRIED_FILES if name != "generation_config.json")
+
+
+def padded_vocab(config: LlavaConfig, pad_vocab: bool) -> int:
+    """The vocabulary size of the export: unchanged, or grown so the placeholder id has a row."""
+    vocab, image_id = config.text.vocab_size, config.image_token_id
+    if 0 <= image_id < vocab:
+        return vocab
+    if image_id < 0:
+        raise ConversionError(f"image_token_id {image_id} is negative; llava-hf needs an id inside the vocabulary")
+    if not pad_vocab:
+        raise ConversionError(
+            f"image_token_id {image_id} lies outside the vocabulary ({vocab} rows), as in conversions of original "
+            "LLaVA checkpoints; llava-hf embeds placeholder ids, so it needs a row for it. Rerun with --pad-vocab to "
+            f"append rows up to a multiple of {VOCAB_MULTIPLE} (their value: the mean row) and register {IMAGE_TOKEN} "
+            f"as token {image_id} in the tokenizer"
+        )
+    return -(-(image_id + 1) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def rope_scaling_4x(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
+    if scaling is None:
+        return None
+    # ``type`` for transformers < 4.45 and some serving engines, ``rope_type`` for the rest.
+    return {"type": scaling["rope_type"], **scaling}
+
+
+def hf_config_dict(config: LlavaConfig, vocab_size: int, dtype: torch.dtype) -> dict[str, Any]:
+    """llava-hf ``config.json`` contents (transformers 4.x form, also read by 5.x)."""
+    t, v = config.text, config.vision
+    if config.projector_type != "mlp2x_gelu":
+        raise ConversionError(
+            f"projector {config.projector_type!r}: llava-hf's projector is two Linears with GELU between "
+            "(mlp2x_gelu) and cannot express this one; keep the checkpoint in the minillava layout"
+        )
+    dtype_name = str(dtype).removeprefix("torch.")
+    text = {
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_layers,
+        "num_attention_heads": t.num_heads,
+        "num_key_value_heads": t.num_kv_heads,
+        "head_dim": t.head_dim,
+        "hidden_act": t.hidden_act,
+        "rms_norm_eps": t.rms_norm_eps,
+        "max_position_embeddings": t.max_position_embeddings,
+        "rope_theta": t.rope_theta,
+        "rope_scaling": rope_scaling_4x(t.rope_scaling),
+        "attention_bias": t.attention_bias,
+        "mlp_bias": t.mlp_bias,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "bos_token_id": t.bos_token_id,
+        "eos_token_id": t.eos_token_id,
+        "pad_token_id": t.pad_token_id,
+        "torch_dtype": dtype_name,
+    }
+    vision = {
+        "model_type": "clip_vision_model",
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_layers,
+        "num_attention_heads": v.num_heads,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "num_channels": v.num_channels,
+        "layer_norm_eps": v.layer_norm_eps,
+        "hidden_act": v.hidden_act,
+    }
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "image_token_index": config.image_token_id,
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": config.projector_bias,
+        "vision_feature_layer": config.vision_feature_layer,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "image_seq_length": config.num_image_tokens,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "torch_dtype": dtype_name,
+        "text_config": text,
+        "vision_config": vision,
+    }
+
+
+def preprocessor_dict(config: LlavaConfig) -> dict[str, Any]:
+    """The image processor settings; ``pad`` mode needs ``LlavaImageProcessor(do_pad=True)`` (transformers >= 4.51)."""
+    image = config.image
+    return {
+        "image_processor_type": "LlavaImageProcessor" if image.mode == "pad" else "CLIPImageProcessor",
+        "processor_class": "LlavaProcessor",
+        "do_pad": image.mode == "pad",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": image.shortest_edge},
+        "resample": image.resample,
+        "do_center_crop": True,
+        "crop_size": {"height": image.crop_size, "width": image.crop_size},
+        "do_rescale": True,
+        "rescale_factor": image.rescale_factor,
+        "do_normalize": True,
+        "image_mean": list(image.mean),
+        "image_std": list(image.std),
+    }
+
+
+def processor_dict(config: LlavaConfig) -> dict[str, Any]:
+    # The processor expands <image> to (image_size / patch)^2 + 1 - (1 if strategy is "default") placeholders.
+    return {
+        "processor_class": "LlavaProcessor",
+        "image_token": IMAGE_TOKEN,
+        "patch_size": config.vision.patch_size,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "num_additional_image_tokens": 1,
+    }
+
+
+def add_image_token(directory: Path, token_id: int) -> None:
+    """Register ``<image>`` as special token ``token_id`` in the tokenizer files present in ``directory``."""
+    entry = {"content": IMAGE_TOKEN, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    path = directory / "tokenizer_config.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        data.setdefault("added_tokens_decoder", {})[str(token_id)] = {**entry, "special": True}
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    path = directory / "tokenizer.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        added = [t for t in data.get("added_tokens") or [] if t.get("content") != IMAGE_TOKEN]
+        data["added_tokens"] = [*added, {"id": token_id, **entry, "special": True}]
+        path.write_text(json.dumps(data, ensure_ascii=False) + "\n")
+    path = directory / "added_tokens.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[IMAGE_TOKEN] = token_id
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def export_hf(
+    src: str | Path,
+    dst: str | Path,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    force: bool = False,
+    pad_vocab: bool = False,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Write the minillava checkpoint ``src`` to ``dst`` in the llava-hf layout, atomically; return its config.json.
+
+    Args:
+        src: a minillava checkpoint directory.
+        dst: destination; must not exist or be empty unless ``force``.
+        dtype: cast floating weights (default: keep the stored dtype).
+        max_shard_bytes: largest output shard.
+        force: replace a non-empty ``dst`` once the new one is complete.
+        pad_vocab: grow the vocabulary when the placeholder id lies outside it (else that is refused).
+        progress: called as ``progress(i, n, path)`` before each source file.
+    """
+    src = Path(src)
+    config = LlavaConfig.load(src)
+    vocab = padded_vocab(config, pad_vocab)
+    metas = [(path, read_meta(path)) for path in safetensors_files(src)]
+    expected = {k: v.shape for k, v in build_empty(config).state_dict().items()}
+    check_state(expected, {k: torch.Size(m.shape) for _, meta in metas for k, m in meta.items()}, str(src))
+    entries = []
+    for _, meta in metas:
+        for ours, m in meta.items():
+            try:
+                theirs = HF_V4.to_theirs(ours)
+            except UnmappedKeyError:
+                raise ConversionError(f"{src}: no llava-hf name for tensor {ours}") from None
+            shape = (vocab, *m.shape[1:]) if ours in PADDED_TENSORS else m.shape
+            entries.append((theirs, shape, out_dtype(m.dtype, dtype)))
+    # torch_dtype names the decoder's dtype (a CLIP tower kept in fp32 next to an fp16 decoder is common).
+    llm_dtype = next(d for name, _, d in entries if name == HF_V4.to_theirs("llm.embed_tokens.weight"))
+    hf_config = hf_config_dict(config, vocab, llm_dtype)
+    with atomic_directory(dst, force=force) as tmp:
+        writer = StreamingShardWriter(tmp, entries, max_shard_bytes)
+        for i, (path, meta) in enumerate(metas):
+            if progress:
+                progress(i, len(metas), path)
+            with open_tensors(path) as get:
+                for ours in meta:
+                    tensor = cast(get(ours), dtype)
+                    if ours in PADDED_TENSORS and tensor.shape[0] < vocab:
+                        # llava-hf's conversion drew its extra rows around the mean; the mean itself keeps the
+                        # export deterministic. Real tokens' logits are untouched.
+                        mean = tensor.float().mean(0, keepdim=True).to(tensor.dtype)
+                        tensor = torch.cat([tensor, mean.expand(vocab - tensor.shape[0], -1)])
+                    writer.write(HF_V4.to_theirs(ours), tensor)
+        if progress:
+            progress(len(metas), len(metas), src)
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_dict(config), indent=2) + "\n")
+        (tmp / "processor_config.json").write_text(json.dumps(processor_dict(config), indent=2) + "\n")
+        generation = dict(config.generation) or {
+            "bos_token_id": config.text.bos_token_id,
+            "eos_token_id": config.text.eos_token_id,
+            "pad_token_id": config.text.pad_token_id,
+        }
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        if vocab != config.text.vocab_size and any((tmp / name).is_file() for name in TOKENIZER_FILES):
+            add_image_token(tmp, config.image_token_id)
+    return hf_config
