@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from .chat import ChatTemplate, default_template_for, get_template
-from .config import ImageConfig, LlavaConfig
+from .checkpoint import load_config
+from .config import ImageConfig
 from .image import DEFAULT_MAX_PIXELS, ImageInput, preprocess
 from .tokenizer import IMAGE_MARKER, IncrementalDecoder, Tokenizer, pad_batch
 
@@ -188,17 +189,19 @@ def load_processor(
     image_mode: str | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     template: str | None = None,
+    vision_tower: str | os.PathLike | None = None,
 ) -> Processor:
-    """The processor of a converted checkpoint directory.
+    """The processor of a checkpoint directory.
 
     Args:
-        path: a directory with ``config.json`` (minillava format) and the tokenizer files (``tokenizer.model``,
-            ``tokenizer_config.json``, ...).
+        path: a directory with ``config.json`` and the tokenizer files (``tokenizer.model``,
+            ``tokenizer_config.json``, ...): converted, or an unconverted llava-hf / original LLaVA directory.
         image_mode: ``"crop"`` or ``"pad"`` to override the checkpoint's preprocessing.
         max_pixels: refuse images with more pixels than this (``None``: no limit).
         template: a chat template name to use instead of the checkpoint's default.
+        vision_tower: for an unconverted original LLaVA directory, the CLIP directory (as for ``minillava.load``).
     """
-    config = LlavaConfig.load(path)
+    config = load_config(path, vision_tower)
     image_config = config.image
     if image_mode is not None:
         if image_mode not in ("crop", "pad"):

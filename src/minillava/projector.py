@@ -29,6 +29,9 @@ class Projector(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in pairwise(sizes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layers:
+            # A tower kept in another dtype (fp32 CLIP under an fp16 decoder) hands over in the projector's dtype.
+            x = x.to(self.layers[0].weight.dtype)
         for i, layer in enumerate(self.layers):
             if i:
                 x = F.gelu(x)
