@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; real users get a range from pyproject.toml.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo train-demo clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ lint: install
 	$(VENV)/bin/ruff check src weights_convert tests benchmarks
 	$(VENV)/bin/ruff format --check src weights_convert tests benchmarks
 
+# The bundled tiny model (src/minillava/assets/shapes) answering about a bundled image, offline.
 demo: install
-	$(PY) -m minillava.shapes.interim_demo
+	$(VENV)/bin/minillava generate --image src/minillava/assets/shapes/example-1.png --prompt "How many shapes are there?"
+
+# Rebuild the bundled model from its seed (about 30 minutes on 2 CPU cores; one thread for bit-for-bit results).
+train-demo: install
+	OMP_NUM_THREADS=1 $(PY) -m minillava.shapes.recipe
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

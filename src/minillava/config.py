@@ -22,6 +22,10 @@ FORMAT_VERSION = 1
 PROJECTOR_TYPES = ("linear", "identity", "mlpNx_gelu")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
+# The small checkpoint shipped in the package (trained on the synthetic shapes set): the default model of
+# ``minillava generate|chat`` and ``Pipeline()``.
+BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "shapes"
+
 # CLIP's normalisation constants (OpenAI), the llava-1.5 defaults.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

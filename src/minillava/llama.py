@@ -63,7 +63,11 @@ def rope_inv_freq(config: TextConfig, seq_len: int | None = None) -> torch.Tenso
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for the half-split ("rotate_half") RoPE layout, angles computed in fp32."""
+    """cos/sin tables for the half-split ("rotate_half") RoPE layout, angles computed in fp32.
+
+    The sin table comes with the first half negated, so that :func:`apply_rotary` can rotate with one ``roll``
+    instead of slicing, negating and concatenating (same values: ``(-x2) * s == x2 * (-s)`` exactly).
+    """
 
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
@@ -82,16 +86,16 @@ class Rotary(nn.Module):
             if seq_len > self.config.max_position_embeddings:
                 inv_freq = rope_inv_freq(self.config, seq_len).to(inv_freq.device)
         freqs = position_ids[..., None].float() * inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        # [B, 1, T, D]: broadcast over heads without a view per layer.
+        return torch.cat((cos, cos), dim=-1).to(dtype)[:, None], torch.cat((-sin, sin), dim=-1).to(dtype)[:, None]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x``: [B, H, T, D]; ``cos``/``sin``: [B, T, D]."""
-    cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)``, written as
+    ``roll(x) * cat(-s, s)``; the same operations in the same order, so the same rounding in every dtype.
+    ``x``: [B, H, T, D]; ``cos``/``signed_sin``: [B, 1, T, D] from :class:`Rotary`."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class KVCache(nn.Module):
@@ -141,12 +145,18 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, end)
-        if self.num_kv_heads != self.num_heads:
-            # Same layout as the reference's repeat_kv: each kv head serves a run of adjacent query heads.
-            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         causal = mask is None and t > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.head_dim**-0.5)
+        # enable_gqa: each kv head serves a run of adjacent query heads (the reference's repeat_kv layout) without
+        # copying the cache num_heads / num_kv_heads times every step.
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self.head_dim**-0.5,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 

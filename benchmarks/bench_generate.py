@@ -1,0 +1,355 @@
+"""minillava generation against transformers' generate, on identical random weights, in one process.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_generate.py [--shapes tiny 7b-slice-fp32 7b-slice-bf16]
+
+Each architecture is built once with transformers (random weights), saved, converted with the production
+converter (``python -m weights_convert``) and loaded by minillava; the bf16 run casts the same weights. Both
+sides then run the same prompt (BOS, text, one image, text), greedy with EOS disabled, alternating run by run
+so that machine noise hits both alike. Timing comes from per-token timestamps: a transformers streamer whose
+``put`` records ``time.perf_counter()``, and minillava's ``stream=True`` iterator.
+
+- TTFT: time to first token (image encode + prefill + first token), median of runs with 1 new token;
+- decode tok/s: median over runs of N new tokens of ``(N - 1) / (stamp of token N - stamp of token 1)``;
+- GB/s: bytes a decode step must read (decoder and lm_head weights, one embedding row, the KV cache) times the
+  decode rate, next to the machine's bandwidth measured here (a large tensor copy: bytes read + written);
+- chat turn 2: TTFT of a second turn reusing turn one's KV cache (only the new tokens are prefilled, the image
+  is not encoded again) against recomputing the whole conversation;
+- with ``--compile``, a torch.compile'd decode step against the eager one (minillava only).
+
+This is a benchmark, never a test: the numbers depend on the machine and on whatever else runs on it (the load
+average is printed before and after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import minillava  # noqa: E402
+from minillava.generate import _intra_op_threads, _threads_for, generate, generate_steps  # noqa: E402
+
+TINY_VISION = dict(
+    hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=56, patch_size=14
+)
+TINY_TEXT = dict(
+    vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+)
+# CLIP ViT-L/14 at 336 px, as LLaVA-1.5 uses it; two decoder layers of LLaMA-7B's size with llava-hf's vocabulary.
+CLIP_L_336 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+)
+LLAMA_7B_2_LAYERS = dict(
+    vocab_size=32064,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=2,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    arch: str  # shapes with the same arch share weights (built once)
+    dtype: torch.dtype
+    vision: dict
+    text: dict
+    image_token_id: int
+    prompt_text: int  # text tokens around the image
+    new_tokens: int  # N of the decode runs
+    runs: int  # timed runs per side and measurement
+    chat_runs: int
+
+
+SHAPES = {
+    s.name: s
+    for s in (
+        Shape("tiny", "tiny", torch.float32, TINY_VISION, TINY_TEXT, 2000, 40, 64, 15, 7),
+        Shape("7b-slice-fp32", "7b-slice", torch.float32, CLIP_L_336, LLAMA_7B_2_LAYERS, 32000, 40, 16, 5, 3),
+        Shape("7b-slice-bf16", "7b-slice", torch.bfloat16, CLIP_L_336, LLAMA_7B_2_LAYERS, 32000, 40, 16, 5, 3),
+    )
+}
+
+
+class Stamps:
+    """A transformers streamer that records when each ``put`` happens (the first put is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def build_reference(shape: Shape, workdir: Path):
+    """A random-weight transformers LLaVA of ``shape``, and its weights converted to minillava in ``workdir``."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from weights_convert.__main__ import main as convert_main
+
+    text = LlamaConfig(**shape.text, rms_norm_eps=1e-5, max_position_embeddings=4096, pad_token_id=0)
+    vision = CLIPVisionConfig(**shape.vision, projection_dim=64)
+    config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=shape.image_token_id)
+    torch.manual_seed(0)
+    hf = LlavaForConditionalGeneration(config).eval()
+    hf.generation_config.eos_token_id = None  # every run generates all its tokens, on both sides
+    hf.generation_config.pad_token_id = 0
+    src, dst = workdir / f"{shape.arch}-hf", workdir / f"{shape.arch}-converted"
+    hf.save_pretrained(src)
+    if convert_main([str(src), str(dst), "--force"]) != 0:
+        raise SystemExit("conversion failed")
+    shutil.rmtree(src)
+    return hf, dst
+
+
+def make_inputs(shape: Shape, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    vocab = min(shape.text["vocab_size"], shape.image_token_id)
+    before = torch.randint(3, vocab, (8,), generator=gen)
+    after = torch.randint(3, vocab, (shape.prompt_text - 8,), generator=gen)
+    ids = torch.cat([torch.tensor([1]), before, torch.full((k,), shape.image_token_id), after])[None]
+    size = shape.vision["image_size"]
+    pixels = torch.randn(1, 3, size, size, generator=gen).to(shape.dtype)
+    return ids, pixels
+
+
+def time_hf(hf, ids: torch.Tensor, pixels: torch.Tensor, n: int) -> list[float]:
+    """Seconds from the call to each new token."""
+    stamps = Stamps()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        hf.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixels,
+            max_new_tokens=n,
+            do_sample=False,
+            streamer=stamps,
+        )
+    return [t - t0 for t in stamps.times[1:]]
+
+
+def time_ours(model, ids: torch.Tensor, pixels: torch.Tensor, n: int) -> list[float]:
+    stamps = []
+    t0 = time.perf_counter()
+    for _ in generate(model, ids, pixels, max_new_tokens=n, eos_token_id=[], stream=True):
+        stamps.append(time.perf_counter())
+    return [t - t0 for t in stamps]
+
+
+def decode_rate(stamps: list[float]) -> float:
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def memory_bandwidth(mib: int = 1024, reps: int = 7) -> float:
+    """GB/s of a large tensor copy (bytes read + bytes written), median of ``reps``."""
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def decode_bytes(model, context: int) -> int:
+    """Bytes one decode step reads: the decoder's weights except the embedding table (one row of it), the lm_head,
+    and keys and values of ``context`` slots."""
+    llm = model.llm
+    size = llm.embed_tokens.weight.element_size()
+    weights = sum(p.numel() * p.element_size() for name, p in llm.named_parameters() if "embed_tokens" not in name)
+    weights += llm.config.hidden_size * size
+    if llm.lm_head is None:
+        weights += llm.embed_tokens.weight.numel() * size
+    c = llm.config
+    return weights + 2 * c.num_layers * c.num_kv_heads * c.head_dim * context * size
+
+
+def chat_turn(model, ids: torch.Tensor, pixels: torch.Tensor, answer: int, follow_up: int, runs: int):
+    """TTFT of turn two, reusing turn one's cache vs recomputing everything. Token level, as Conversation runs it:
+    turn two = turn one's prompt + its answer + ``follow_up`` new tokens; the cache holds all but the answer's
+    last token (which was never fed)."""
+    owner = object()
+    steps = generate_steps(model, ids, pixels, max_new_tokens=answer, eos_token_id=[], owner=owner)
+    first = torch.cat([ids, torch.stack(list(steps), dim=1)], dim=1)
+    tail = torch.randint(3, 1000, (1, follow_up), generator=torch.Generator().manual_seed(1))
+    conversation = torch.cat([first, tail], dim=1)
+    reuse, full = [], []
+    for _ in range(runs):
+        for _ in generate_steps(model, ids, pixels, max_new_tokens=answer, eos_token_id=[], owner=owner):
+            pass  # turn one again: its prompt and answer are now in the cache
+        t0 = time.perf_counter()
+        steps = generate_steps(
+            model, conversation, None, max_new_tokens=8, eos_token_id=[], cached_prefix=first.shape[1] - 1, owner=owner
+        )
+        next(steps)
+        reuse.append(time.perf_counter() - t0)
+        steps.close()
+        t0 = time.perf_counter()
+        next(generate_steps(model, conversation, pixels, max_new_tokens=8, eos_token_id=[]))
+        full.append(time.perf_counter() - t0)
+    return statistics.median(reuse), statistics.median(full), conversation.shape[1]
+
+
+def compiled_decode(model, ids: torch.Tensor, pixels: torch.Tensor, steps: int = 30) -> tuple[float, float, float]:
+    """Eager vs torch.compile'd decode step (ms) and the compile time (s): the layers called directly with the
+    attention end as an int, which compile can treat as a dynamic size."""
+    llm = model.llm
+    for _ in generate(model, ids, pixels, max_new_tokens=1, eos_token_id=[]):
+        pass  # the prompt is in the cache
+
+    def step(token, pos, slot, end: int):
+        x = llm.embed_tokens(token)
+        cos, sin = llm.rotary(pos, x.dtype)
+        for layer in llm.layers:
+            x = layer(x, cos, sin, None, slot, end)
+        return llm.logits(llm.norm(x)[:, -1]).float().argmax(-1)
+
+    compiled = torch.compile(step, dynamic=True)
+    length = ids.shape[1]
+    slots = torch.arange(length + steps + 2)
+    token = torch.tensor([[5]])
+    # The same intra-op thread choice as generation makes for this decoder.
+    threads = _threads_for(llm.layers, llm.lm_head if llm.lm_head is not None else llm.embed_tokens)
+    with torch.inference_mode(), _intra_op_threads(threads):
+        t0 = time.perf_counter()
+        for i in range(2):
+            compiled(token, torch.tensor([[length + i]]), slots[length + i : length + i + 1], length + i + 1)
+        compile_s = time.perf_counter() - t0
+        result = []
+        for fn in (step, compiled):
+            times = []
+            for i in range(steps):
+                t0 = time.perf_counter()
+                fn(token, torch.tensor([[length + i]]), slots[length + i : length + i + 1], length + i + 1)
+                times.append(time.perf_counter() - t0)
+            result.append(1e3 * statistics.median(times))
+    return result[0], result[1], compile_s
+
+
+def bench(shape: Shape, hf, ours, try_compile: bool) -> dict:
+    hf.to(shape.dtype)
+    ids, pixels = make_inputs(shape, ours.config.num_image_tokens)
+    # Warm up both and check that they agree before timing anything.
+    a = generate(ours, ids, pixels, max_new_tokens=8, eos_token_id=[])
+    with torch.inference_mode():
+        b = hf.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, max_new_tokens=8, do_sample=False
+        )[:, ids.shape[1] :]
+    ttft: dict[str, list[float]] = {"ours": [], "hf": []}
+    rate: dict[str, list[float]] = {"ours": [], "hf": []}
+    for _ in range(shape.runs):
+        ttft["ours"].append(time_ours(ours, ids, pixels, 1)[0])
+        ttft["hf"].append(time_hf(hf, ids, pixels, 1)[0])
+        rate["ours"].append(decode_rate(time_ours(ours, ids, pixels, shape.new_tokens)))
+        rate["hf"].append(decode_rate(time_hf(hf, ids, pixels, shape.new_tokens)))
+    step_bytes = decode_bytes(ours, ids.shape[1] + shape.new_tokens // 2)
+    reuse, full, turn2_len = chat_turn(ours, ids, pixels, answer=32, follow_up=24, runs=shape.chat_runs)
+    out = {
+        "shape": shape.name,
+        "prompt": ids.shape[1],
+        "agree": a.tolist() == b.tolist(),
+        "ttft": {k: statistics.median(v) for k, v in ttft.items()},
+        "rate": {k: statistics.median(v) for k, v in rate.items()},
+        "step_bytes": step_bytes,
+        "turn2": (reuse, full, turn2_len),
+    }
+    if try_compile:
+        out["compile"] = compiled_decode(ours, ids, pixels)
+    return out
+
+
+def report_row(r: dict, bandwidth: float) -> str:
+    t, d = r["ttft"], r["rate"]
+    reuse, full, turn2_len = r["turn2"]
+    gbs = {k: r["step_bytes"] * v / 1e9 for k, v in d.items()}
+    return (
+        f"| {r['shape']} | {r['prompt']} | {'yes' if r['agree'] else 'NO'} "
+        f"| {1e3 * t['ours']:.1f} | {1e3 * t['hf']:.1f} | {t['hf'] / t['ours']:.2f}x "
+        f"| {d['ours']:.1f} | {d['hf']:.1f} | {d['ours'] / d['hf']:.2f}x "
+        f"| {gbs['ours']:.1f} / {gbs['hf']:.1f} of {bandwidth:.1f} "
+        f"| {1e3 * reuse:.1f} | {1e3 * full:.1f} | {full / reuse:.1f}x ({turn2_len} tok) |"
+    )
+
+
+HEADER = (
+    "| shape | prompt tok | same tokens | TTFT ms minillava | TTFT ms transformers | TTFT speedup "
+    "| decode tok/s minillava | decode tok/s transformers | decode speedup | decode GB/s (ours / hf of copy bw) "
+    "| turn-2 TTFT ms reuse | turn-2 TTFT ms recompute | turn-2 speedup |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--runs", type=int, help="timed runs per side and measurement (default: per shape)")
+    parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bandwidth = memory_bandwidth()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, "
+        f"memory bandwidth (1 GiB copy, read + write) {bandwidth:.1f} GB/s, load average {os.getloadavg()[0]:.1f}"
+    )
+    rows, compiled = [], []
+    shapes = [SHAPES[name] for name in args.shapes]
+    with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
+        for arch in dict.fromkeys(s.arch for s in shapes):
+            hf, converted = build_reference(next(s for s in shapes if s.arch == arch), Path(tmp))
+            for shape in (s for s in shapes if s.arch == arch):
+                if args.runs:
+                    shape = replace(shape, runs=args.runs, chat_runs=max(1, args.runs // 2))
+                ours = minillava.load(converted, dtype=shape.dtype)
+                result = bench(shape, hf, ours, args.compile)
+                rows.append(report_row(result, bandwidth))
+                print(rows[-1], flush=True)
+                if "compile" in result:
+                    eager, comp, secs = result["compile"]
+                    compiled.append(
+                        f"{shape.name}: eager {eager:.2f} ms/step, compiled {comp:.2f} ms/step, compile {secs:.0f} s"
+                    )
+                    print(compiled[-1], flush=True)
+                del ours
+                gc.collect()
+            del hf
+            gc.collect()
+    print(f"\n(load average now {os.getloadavg()[0]:.1f})\n")
+    print(HEADER)
+    print("\n".join(rows))
+    if compiled:
+        print("\n" + "\n".join(compiled))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

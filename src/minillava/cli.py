@@ -1,0 +1,339 @@
+"""The ``minillava`` command: generate, chat, info, train.
+
+    minillava generate --model DIR --image cat.jpg --prompt "What is in this image?"
+    minillava chat --model DIR [--image cat.jpg]
+    minillava info --model DIR
+    minillava train ...            (see minillava train --help)
+
+Errors are one line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .chat import TEMPLATES
+from .config import BUNDLED_MODEL
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+CHAT_HELP = """\
+Commands inside the chat:
+  /image PATH   attach an image to your next message
+  /reset        start a new conversation
+  /quit         leave (Ctrl-D works too)
+Ctrl-C stops the answer being generated, not the program."""
+
+
+class CliError(Exception):
+    """An error to report as one line, without a traceback."""
+
+
+def _model_dir(value: str | None) -> Path:
+    if value is not None:
+        return Path(value)
+    if (BUNDLED_MODEL / "config.json").is_file():
+        return BUNDLED_MODEL
+    raise CliError("no --model given and no bundled model found")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        metavar="DIR",
+        help="a converted minillava checkpoint directory (python -m weights_convert SRC DIR); default: the bundled "
+        "shapes model, if installed",
+    )
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument(
+        "--template",
+        metavar="NAME",
+        help=f"chat template, one of {', '.join(TEMPLATES)} (default: the checkpoint's, see 'info')",
+    )
+    p.add_argument("--system", metavar="TEXT", help="system prompt replacing the template's")
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        metavar="N",
+        help="the most tokens to generate (default: 512, or what the context window has left)",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep tokens up to probability P")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only")
+    p.add_argument("--seed", type=int, metavar="S", help="seed for sampling (same seed, same answer)")
+    p.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: as stored; bfloat16 halves fp32 memory)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minillava",
+        description="minillava: a small, exact and fast pure-PyTorch LLaVA.",
+        epilog="Run 'minillava COMMAND --help' for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    gen = sub.add_parser(
+        "generate",
+        help="answer one prompt about images, printing the answer as it is generated",
+        description="Answer one prompt about zero or more images; the answer is printed as it is generated.",
+    )
+    gen.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeat for several)")
+    gen.add_argument(
+        "--prompt",
+        required=True,
+        metavar="TEXT",
+        help="the question; <image> marks where images go, else each image is put before the text",
+    )
+    _add_generation_args(gen)
+
+    chat = sub.add_parser(
+        "chat",
+        help="an interactive conversation",
+        description="An interactive conversation about images.",
+        epilog=CHAT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chat.add_argument(
+        "--image", action="append", default=[], metavar="PATH", help="an image for the first message (repeatable)"
+    )
+    _add_generation_args(chat)
+
+    info = sub.add_parser(
+        "info",
+        help="describe a checkpoint",
+        description="Describe a checkpoint: layout, parameter counts per part, dtype, context length, image size "
+        "and tokens per image, chat template. Reads config.json and the safetensors headers only.",
+    )
+    _add_model_args(info)
+    info.add_argument("--json", action="store_true", help="print the description as JSON")
+
+    sub.add_parser(
+        "train",
+        help="train or fine-tune (see 'minillava train --help')",
+        description="Forwarded to minillava.train; run 'minillava train --help' for its options.",
+        add_help=False,
+    )
+    return parser
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
+def _pipeline(args: argparse.Namespace):
+    from .pipeline import Pipeline
+
+    return Pipeline(_model_dir(args.model), dtype=_dtype(args.dtype), template=args.template)
+
+
+def _gen_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+
+
+def _check_images(paths: Sequence[str]) -> None:
+    for path in paths:
+        if not Path(path).is_file():
+            raise CliError(f"{path}: no such image file")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _check_images(args.image)
+    pipe = _pipeline(args)
+    pieces = pipe.stream(args.prompt, args.image, system=args.system, **_gen_kwargs(args))
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    _check_images(args.image)
+    pipe = _pipeline(args)
+    conv = pipe.conversation(system=args.system)
+    pending: list[str] = list(args.image)
+    gen = _gen_kwargs(args)
+    print(f"minillava chat ({pipe.path}, template {pipe.template.name}). /quit or Ctrl-D to leave, /help for commands.")
+    while True:
+        try:
+            line = input("USER: ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(Ctrl-C stops an answer; /quit or Ctrl-D leaves)")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, rest = text.partition(" ")
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/reset":
+                conv.reset()
+                pending = []
+                print("(new conversation)")
+            elif command == "/image":
+                path = rest.strip()
+                if not path:
+                    print("usage: /image PATH")
+                elif not Path(path).is_file():
+                    print(f"{path}: no such image file")
+                else:
+                    pending.append(path)
+                    print(f"(image {path} will go with your next message)")
+            elif command == "/help":
+                print(CHAT_HELP)
+            else:
+                print(f"unknown command {command}; /help lists them")
+            continue
+        try:
+            pieces = conv.stream(text, pending, **gen)
+        except (ValueError, OSError) as err:
+            print(f"error: {_one_line(err)}")
+            continue
+        pending = []
+        sys.stdout.write("ASSISTANT: ")
+        sys.stdout.flush()
+        try:
+            for piece in pieces:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pieces.close()
+            sys.stdout.write(" [stopped]")
+        except ValueError as err:
+            sys.stdout.write(f"\nerror: {_one_line(err)}")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}
+
+
+def describe_checkpoint(path: Path) -> dict:
+    """What ``info`` prints, from ``config.json`` and the safetensors headers (no weights are read)."""
+    from safetensors import safe_open
+
+    from .chat import default_template_for
+    from .checkpoint import safetensors_files
+    from .config import LlavaConfig
+
+    config = LlavaConfig.load(path)
+    parts = {"vision": 0, "projector": 0, "llm": 0}
+    dtypes: dict[str, int] = {}
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                n = 1
+                for d in tensor.get_shape():
+                    n *= d
+                part = name.split(".", 1)[0]
+                parts[part] = parts.get(part, 0) + n
+                dtype = _SAFETENSORS_DTYPES.get(tensor.get_dtype(), tensor.get_dtype())
+                dtypes[dtype] = dtypes.get(dtype, 0) + n
+    t, v = config.text, config.vision
+    return {
+        "path": str(path),
+        "layout": config.source_layout or "minillava",
+        "parameters": {**parts, "total": sum(parts.values())},
+        "dtype": ", ".join(sorted(dtypes, key=dtypes.get, reverse=True)),
+        "decoder": f"{t.num_layers} layers, hidden {t.hidden_size}, {t.num_heads} heads ({t.num_kv_heads} kv), "
+        f"head_dim {t.head_dim}, mlp {t.intermediate_size}, vocabulary {t.vocab_size}",
+        "vision": f"CLIP {v.num_layers} layers, hidden {v.hidden_size}, patch {v.patch_size}; feature layer "
+        f"{config.vision_feature_layer} ({config.vision_feature_select_strategy}); projector {config.projector_type}",
+        "context_length": t.max_position_embeddings,
+        "image_size": v.image_size,
+        "image_mode": config.image.mode,
+        "tokens_per_image": config.num_image_tokens,
+        "image_token_id": config.image_token_id,
+        "template": config.chat_template or default_template_for(path.resolve(), config.source_layout),
+        "eos_token_id": t.eos_token_id,
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = describe_checkpoint(_model_dir(args.model))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    params = info["parameters"]
+    rows = [
+        ("checkpoint", info["path"]),
+        ("layout", info["layout"]),
+        ("dtype", info["dtype"]),
+        ("parameters", f"{params['total']:,} total"),
+        *((f"  {part}", f"{n:,}") for part, n in params.items() if part != "total"),
+        ("decoder", info["decoder"]),
+        ("vision", info["vision"]),
+        ("context length", f"{info['context_length']} tokens"),
+        (
+            "image",
+            f"{info['image_size']}x{info['image_size']} px ({info['image_mode']}), "
+            f"{info['tokens_per_image']} tokens per image (id {info['image_token_id']})",
+        ),
+        ("template", info["template"]),
+        ("eos id", str(info["eos_token_id"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    if isinstance(err, KeyError):
+        text = text.strip("'\"")
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        from .train import main as train_main  # lazy: training pulls in more than inference needs
+
+        return train_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (CliError, ValueError, OSError, KeyError) as err:
+        print(f"minillava {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

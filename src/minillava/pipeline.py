@@ -1,0 +1,373 @@
+"""One object for the common case: a converted checkpoint's model, processor and chat template.
+
+    pipe = Pipeline("path/to/converted", dtype=torch.bfloat16)
+    print(pipe.chat("What is in this image?", images=["cat.jpg"]))
+    for piece in pipe.stream("Describe it.", images=["cat.jpg"]):
+        print(piece, end="", flush=True)
+
+    conv = pipe.conversation()                       # multi-turn: the cache is reused between turns
+    conv.chat("What is in this image?", images=["cat.jpg"])
+    conv.chat("And what color is it?")               # prefills only the new tokens; the image is not re-encoded
+
+Text comes out through the tokenizer's incremental decoder and is cut at the template's stop strings; a stop
+string may straddle tokens, so text that could be the start of one is held back until it cannot be.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .chat import ChatTemplate, get_template
+from .checkpoint import load
+from .config import BUNDLED_MODEL
+from .generate import cache_owner, generate_steps, resolve_eos
+from .image import ImageInput, preprocess
+from .processor import Processor, load_processor
+from .tokenizer import IMAGE_MARKER
+
+DEFAULT_MAX_NEW_TOKENS = 512  # original LLaVA's CLI default
+
+
+def image_list(images: Sequence[ImageInput] | ImageInput | None) -> list[ImageInput]:
+    """``None`` -> ``[]``, one image (path, bytes or PIL image) -> ``[image]``, a sequence -> a list."""
+    if images is None:
+        return []
+    if isinstance(images, (str, os.PathLike, bytes, bytearray)) or not isinstance(images, Sequence):
+        return [images]
+    return list(images)
+
+
+def with_image_markers(text: str, n_images: int) -> str:
+    """Put one ``<image>`` line per image before ``text`` unless it already places its markers itself
+    (original LLaVA's CLI writes ``"<image>\\n" + question``)."""
+    if n_images and IMAGE_MARKER not in text:
+        return (IMAGE_MARKER + "\n") * n_images + text
+    return text
+
+
+class _TextRow:
+    """One sequence's text: tokens in, final text out, cut at the first stop string.
+
+    Text that could still grow into a stop string is held back; :attr:`text` is everything released so far.
+    """
+
+    def __init__(self, processor: Processor, stop_strings: Sequence[str], eos_ids: Sequence[int]) -> None:
+        self.decoder = processor.incremental_decoder(skip_special_tokens=True)
+        self.stops = [s for s in stop_strings if s]
+        self.eos = set(eos_ids)
+        self.raw = ""  # everything decoded so far
+        self.released = 0  # characters of ``raw`` handed out
+        self.done = False
+
+    def push(self, token: int) -> bool:
+        """Add a token (ignored once done); return True when this row just finished."""
+        if self.done:
+            return False
+        if token in self.eos:
+            self.done = True
+            self.raw += self.decoder.flush()
+            self._cut()
+            return True
+        self.raw += self.decoder.push(token)
+        return self._cut()
+
+    def finish(self) -> None:
+        """End of generation (max tokens): release what was held back."""
+        if not self.done:
+            self.raw += self.decoder.flush()
+            self._cut()
+            self.done = True
+
+    def _cut(self) -> bool:
+        for stop in self.stops:
+            at = self.raw.find(stop, max(0, self.released - len(stop) + 1))
+            if at >= 0:
+                self.raw = self.raw[:at]
+                self.done = True
+                return True
+        return False
+
+    def take(self) -> str:
+        """The newly final text since the last call."""
+        end = len(self.raw)
+        if not self.done:
+            # Hold back the longest tail that is a proper prefix of a stop string.
+            for stop in self.stops:
+                for n in range(min(len(stop) - 1, len(self.raw)), 0, -1):
+                    if self.raw.endswith(stop[:n]):
+                        end = min(end, len(self.raw) - n)
+                        break
+        end = max(end, self.released)
+        piece = self.raw[self.released : end]
+        self.released = end
+        return piece
+
+
+class Pipeline:
+    """Model + processor + chat template of a converted checkpoint directory.
+
+    Args:
+        path: a checkpoint directory (config.json, safetensors, tokenizer files); default: the bundled model.
+        dtype: weights' dtype (default: as stored). ``torch.bfloat16`` is how a 7B model fits a CPU machine.
+        device: where the model runs.
+        template: a chat template name (default: the checkpoint's).
+        image_mode: ``"crop"`` or ``"pad"`` to override the checkpoint's image preprocessing.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        template: str | ChatTemplate | None = None,
+        image_mode: str | None = None,
+    ) -> None:
+        if path is None:
+            if not (BUNDLED_MODEL / "config.json").is_file():
+                raise FileNotFoundError(f"no model path given and no bundled model at {BUNDLED_MODEL}")
+            path = BUNDLED_MODEL
+        self.path = Path(path)
+        self.processor = load_processor(self.path, image_mode=image_mode)
+        self.template = get_template(template) if template is not None else self.processor.template
+        self.model = load(self.path, dtype=dtype, device=device)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.text.max_position_embeddings
+
+    def conversation(self, system: str | None = None) -> Conversation:
+        """A multi-turn conversation that keeps its KV cache between turns."""
+        return Conversation(self, system)
+
+    def chat(
+        self,
+        prompt: str | Sequence[str],
+        images: Sequence[ImageInput] | Sequence[Sequence[ImageInput]] | ImageInput | None = None,
+        *,
+        system: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> str | list[str]:
+        """Answer one user message (a fresh conversation each call), or a list of them as one batch.
+
+        Args:
+            prompt: the user's message; ``<image>`` marks where images go, else one per image is put first.
+                A list of messages runs as one left-padded batch and returns a list of answers.
+            images: the message's images (paths, bytes or PIL images); for a list of prompts, one list per prompt.
+            system: replaces the template's system prompt.
+            max_new_tokens: the most tokens to generate (default: 512, or what the context window has left).
+            temperature, top_k, top_p, seed: sampling, as :func:`minillava.generate.generate` (0 = greedy).
+        """
+        gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        if isinstance(prompt, str):
+            return "".join(self.stream(prompt, images, system=system, **gen))
+        prompts = list(prompt)
+        groups = [[] for _ in prompts] if images is None else [image_list(g) for g in images]
+        if len(groups) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(groups)} image lists; pass one list per prompt")
+        texts = [self._prompt_text(p, len(g), system) for p, g in zip(prompts, groups, strict=True)]
+        batch = self.processor(texts, images=groups, padding_side="left")
+        rows = self._rows(len(texts))
+        steps = self._steps(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], rows, gen)
+        for _ in steps:
+            pass
+        for row in rows:
+            row.finish()
+        return [row.take() for row in rows]
+
+    def stream(
+        self,
+        prompt: str,
+        images: Sequence[ImageInput] | ImageInput | None = None,
+        *,
+        system: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Like :meth:`chat` for one message, yielding text pieces as they are generated; joined they are the
+        answer :meth:`chat` returns."""
+        conv = Conversation(self, system)
+        return conv.stream(
+            prompt, images, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        )
+
+    # -- shared machinery ------------------------------------------------------------------------------------
+
+    def _prompt_text(self, prompt: str, n_images: int, system: str | None) -> str:
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        messages.append({"role": "user", "content": with_image_markers(prompt, n_images)})
+        return self.template.format(messages)
+
+    def _eos_ids(self) -> list[int]:
+        """The checkpoint's EOS plus every stop string that is a single special token of the tokenizer (so it
+        stops generation even though decoding drops it from the text)."""
+        ids = resolve_eos(self.model, None)
+        for stop in self.template.stop_strings:
+            token = self.processor.tokenizer.token_to_id(stop)
+            if token is not None and token not in ids:
+                ids.append(token)
+        return ids
+
+    def _rows(self, n: int) -> list[_TextRow]:
+        return [_TextRow(self.processor, self.template.stop_strings, self._eos_ids()) for _ in range(n)]
+
+    def _steps(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        rows: list[_TextRow],
+        gen: dict,
+        cached_prefix: int = 0,
+        owner: object | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Run generation, feeding each step's tokens to ``rows`` (which decide stop strings)."""
+        gen = dict(gen)
+        if gen.get("max_new_tokens") is None:
+            room = self.context_length - input_ids.shape[1]
+            if room < 1:
+                raise ValueError(
+                    f"the prompt is {input_ids.shape[1]} tokens: it fills the context window of "
+                    f"{self.context_length} tokens and leaves no room for an answer"
+                )
+            gen["max_new_tokens"] = min(DEFAULT_MAX_NEW_TOKENS, room)
+
+        def should_stop(tokens: torch.Tensor) -> list[bool]:
+            return [row.push(t) for row, t in zip(rows, tokens.tolist(), strict=True)]
+
+        return generate_steps(
+            self.model,
+            input_ids,
+            pixel_values,
+            attention_mask,
+            eos_token_id=self._eos_ids(),
+            cached_prefix=cached_prefix,
+            should_stop=should_stop,
+            owner=owner,
+            **gen,
+        )
+
+
+class Conversation:
+    """A multi-turn chat with one :class:`Pipeline`.
+
+    Each turn renders the whole conversation with the template, then prefills only what the model's KV cache
+    does not already hold: the longest common prefix of the new ids and the ids this conversation left in the
+    cache is reused (the cache is this conversation's as long as nothing else generated with the model since;
+    otherwise the turn recomputes everything, with the same result). Images of earlier turns are not encoded
+    again unless the reused prefix ends inside them.
+    """
+
+    def __init__(self, pipe: Pipeline, system: str | None = None) -> None:
+        self.pipe = pipe
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every turn (the system prompt stays)."""
+        self.messages: list[dict[str, str]] = []
+        self.pixels: list[torch.Tensor] = []  # preprocessed images, in placeholder order
+        self._owner = object()
+        self._cached: list[int] = []  # ids whose keys/values sit in the cache at slots 0..len-1
+        self.last_prefill = 0  # tokens the last turn prefilled (for tests and benchmarks)
+
+    def chat(self, prompt: str, images: Sequence[ImageInput] | ImageInput | None = None, **gen) -> str:
+        """Send one user message; return the assistant's answer (also kept in :attr:`messages`)."""
+        return "".join(self.stream(prompt, images, **gen))
+
+    def stream(
+        self,
+        prompt: str,
+        images: Sequence[ImageInput] | ImageInput | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Send one user message; yield the answer's text pieces as they are generated.
+
+        Stopping early (closing the iterator, or Ctrl-C) keeps the text so far as the answer. A turn whose
+        answer is empty is dropped from the conversation.
+        """
+        pipe = self.pipe
+        images = image_list(images)
+        new_pixels = list(preprocess(images, pipe.processor.image_config, pipe.processor.max_pixels))
+        messages = [] if self.system is None else [{"role": "system", "content": self.system}]
+        user = {"role": "user", "content": with_image_markers(prompt, len(new_pixels))}
+        messages += self.messages + [user]
+        text = pipe.template.format(messages)
+        if text.count(IMAGE_MARKER) != len(self.pixels) + len(new_pixels):
+            raise ValueError(
+                f"the message has {user['content'].count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) but "
+                f"{len(new_pixels)} image(s) were given"
+            )
+        ids = pipe.processor.encode(text)
+        pixels = self.pixels + new_pixels
+        prefix = self._reusable_prefix(ids)
+        k, image_id = pipe.processor.num_image_tokens, pipe.processor.image_token_id
+        n_new_images = sum(1 for i in ids[prefix:] if i == image_id) // k
+        suffix_pixels = torch.stack(pixels[len(pixels) - n_new_images :]) if n_new_images else None
+        gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        rows = pipe._rows(1)
+        # Checks arguments and sizes the cache now, so that errors surface here rather than at the first piece.
+        steps = pipe._steps(
+            torch.tensor([ids]), suffix_pixels, None, rows, gen, cached_prefix=prefix, owner=self._owner
+        )
+        self._cached = ids[:prefix]  # what stays valid if the prefill is interrupted
+        self.last_prefill = len(ids) - prefix
+        return self._turn(steps, rows[0], ids, user, new_pixels)
+
+    def _turn(
+        self, steps: Iterator[torch.Tensor], row: _TextRow, ids: list[int], user: dict, new_pixels: list
+    ) -> Iterator[str]:
+        answer_ids: list[int] = []
+        answer: list[str] = []
+        try:
+            for token in steps:
+                answer_ids.append(int(token[0]))
+                # Every token but the last one yielded has been fed through the model.
+                self._cached = ids + answer_ids[:-1]
+                piece = row.take()
+                if piece:
+                    answer.append(piece)
+                    yield piece
+            row.finish()
+            piece = row.take()
+            if piece:
+                answer.append(piece)
+                yield piece
+        finally:
+            # Also on Ctrl-C or an abandoned iterator: what the user saw is the answer. An empty answer drops
+            # the turn (a template cannot render an empty message); the cache keeps what it holds either way.
+            text = "".join(answer).strip()
+            if text:
+                self.messages += [user, {"role": "assistant", "content": text}]
+                self.pixels += new_pixels
+
+    def _reusable_prefix(self, ids: list[int]) -> int:
+        """How many leading ``ids`` the KV cache already holds for this conversation (never all of them: the
+        last prompt token must run to give the first answer token's logits), not ending inside an image."""
+        if cache_owner(self.pipe.model) is not self._owner:
+            return 0
+        n = 0
+        for a, b in zip(self._cached, ids, strict=False):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(ids) - 1)
+        image_id = self.pipe.processor.image_token_id
+        while 0 < n < len(ids) and ids[n] == image_id and ids[n - 1] == image_id:
+            n -= 1  # back off to the start of the image's placeholders: the image is then encoded again
+        return n

@@ -1,0 +1,174 @@
+"""The minillava command line, end to end on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minillava import cli
+from minillava.pipeline import Pipeline
+from tests.test_pipeline import make_checkpoint, write_image
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("cli") / "model", seed=1)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    return write_image(tmp_path_factory.mktemp("cli-img") / "img.png", (30, 160, 60))
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_prints_the_answer(ckpt, image, capsys):
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--model",
+        str(ckpt),
+        "--image",
+        str(image),
+        "--prompt",
+        "What is it?",
+        "--max-new-tokens",
+        "12",
+    )
+    assert code == 0, err
+    expected = Pipeline(ckpt).chat("What is it?", images=[str(image)], max_new_tokens=12)
+    assert expected and out == expected + "\n"
+
+
+def test_generate_sampling_flags_and_dtype(ckpt, image, capsys):
+    argv = ["generate", "--model", str(ckpt), "--image", str(image), "--prompt", "Hi", "--max-new-tokens", "8"]
+    argv += ["--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "4", "--dtype", "bfloat16"]
+    argv += ["--system", "Be brief.", "--template", "llava_v1"]
+    first, second = run(capsys, *argv), run(capsys, *argv)
+    assert first[0] == 0 and first == second
+
+
+def test_info(ckpt, capsys):
+    code, out, _ = run(capsys, "info", "--model", str(ckpt))
+    assert code == 0
+    for needle in ("layout", "parameters", "vision", "projector", "llm", "float32", "context length  512 tokens"):
+        assert needle in out
+    assert "28x28 px (pad), 16 tokens per image" in out and "vicuna_v1" in out
+    code, out, _ = run(capsys, "info", "--model", str(ckpt), "--json")
+    info = json.loads(out)
+    assert info["tokens_per_image"] == 16 and info["template"] == "vicuna_v1"
+    params = info["parameters"]
+    assert params["total"] == params["vision"] + params["projector"] + params["llm"]
+
+
+def test_chat_session(ckpt, image, capsys, monkeypatch):
+    lines = iter([f"/image {image}", "What is in the image?", "/image /no/such.png", "/bogus", "/reset", "Hi", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    code, out, err = run(capsys, "chat", "--model", str(ckpt), "--max-new-tokens", "8")
+    assert code == 0, err
+    pipe = Pipeline(ckpt)
+    first = pipe.chat("What is in the image?", images=[str(image)], max_new_tokens=8)
+    second = pipe.chat("Hi", max_new_tokens=8)  # after /reset: a fresh conversation without the image
+    assert f"ASSISTANT: {first}\n" in out and f"ASSISTANT: {second}\n" in out
+    assert "/no/such.png: no such image file" in out and "unknown command /bogus" in out
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_program(ckpt, capsys, monkeypatch):
+    from minillava.pipeline import Conversation
+
+    def interrupted(self, prompt, images=None, **gen):
+        def pieces():
+            yield "partial"
+            raise KeyboardInterrupt
+
+        return pieces()
+
+    lines = iter(["first", "second"])
+
+    def read(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(Conversation, "stream", interrupted)
+    monkeypatch.setattr("builtins.input", read)
+    code, out, _ = run(capsys, "chat", "--model", str(ckpt))
+    assert code == 0
+    assert out.count("ASSISTANT: partial [stopped]") == 2  # both messages were answered; Ctrl-D then left
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["info", "--model", "/no/such/dir"], "/no/such/dir"),
+        (["generate", "--model", "{ckpt}", "--prompt", "x", "--image", "/no/img.png"], "/no/img.png: no such image"),
+        (["generate", "--model", "{ckpt}", "--prompt", "x", "--temperature", "-1"], "temperature must be"),
+        (["generate", "--model", "{ckpt}", "--prompt", "x", "--top-p", "2"], "top_p must be in (0, 1]"),
+        (["generate", "--model", "{ckpt}", "--prompt", "x", "--max-new-tokens", "900"], "context window of 512"),
+        (["generate", "--model", "{ckpt}", "--prompt", "x", "--template", "nope"], "unknown chat template 'nope'"),
+    ],
+)
+def test_errors_are_one_line(ckpt, capsys, argv, message):
+    code, _, err = run(capsys, *[a.replace("{ckpt}", str(ckpt)) for a in argv])
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith(f"minillava {argv[0]}: error: ")
+    assert message in err
+
+
+def test_no_model_and_no_bundled_model(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "BUNDLED_MODEL", tmp_path / "missing")
+    code, _, err = run(capsys, "generate", "--prompt", "hi")
+    assert code == 1 and "no --model given and no bundled model found" in err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "info"])
+def test_help_is_complete(capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    options = {
+        "generate": [
+            "--model",
+            "--image",
+            "--prompt",
+            "--template",
+            "--max-new-tokens",
+            "--temperature",
+            "--top-p",
+            "--top-k",
+            "--seed",
+            "--dtype",
+            "--system",
+        ],
+        "chat": ["--model", "--image", "/image PATH", "/reset", "/quit", "Ctrl-C", "Ctrl-D"],
+        "info": ["--model", "--json"],
+    }[command]
+    for option in options:
+        assert option in out
+
+
+def test_train_is_forwarded(monkeypatch):
+    import minillava.train
+
+    seen = []
+    monkeypatch.setattr(minillava.train, "main", lambda argv: seen.append(argv) or 7)
+    assert cli.main(["train", "--foo", "bar"]) == 7
+    assert seen == [["--foo", "bar"]]
+
+
+def test_python_dash_m_runs_the_cli(ckpt):
+    proc = subprocess.run(
+        [sys.executable, "-m", "minillava", "info", "--model", str(ckpt)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "tokens per image" in proc.stdout
