@@ -21,7 +21,7 @@ from minillava.chat import default_template_for
 from minillava.config import LlavaConfig, VisionConfig, projector_depth
 
 from .convert import ConversionError, Part, TensorMeta, read_json, read_meta, weight_files
-from .hf_llava import CARRIED_FILES, image_config_from_preprocessor, text_config_from_hf
+from .hf_llava import CARRIED_FILES, image_config_from_preprocessor, text_config_from_hf, vision_config_from_hf
 from .keymaps import CLIP_V4, CLIP_V5, original_keymap
 
 TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
@@ -64,20 +64,6 @@ def clip_vision_fields(clip: dict[str, Any], path: Path) -> dict[str, Any]:
             "CLIPVisionModel directory such as openai/clip-vit-large-patch14-336"
         )
     return {**CLIP_VISION_DEFAULTS, **{k: v for k, v in fields.items() if v is not None}}
-
-
-def vision_from_clip_config(fields: dict[str, Any]) -> VisionConfig:
-    return VisionConfig(
-        hidden_size=fields["hidden_size"],
-        intermediate_size=fields["intermediate_size"],
-        num_layers=fields["num_hidden_layers"],
-        num_heads=fields["num_attention_heads"],
-        image_size=fields["image_size"],
-        patch_size=fields["patch_size"],
-        num_channels=fields["num_channels"],
-        layer_norm_eps=fields["layer_norm_eps"],
-        hidden_act=fields["hidden_act"],
-    )
 
 
 def vision_from_shapes(meta: dict[str, TensorMeta], where: Path) -> VisionConfig:
@@ -193,7 +179,7 @@ class OriginalLlavaSource:
 
     def _vision(self) -> VisionConfig:
         if self.clip_dir is not None:
-            vision, origin = vision_from_clip_config(self._clip_source()[0]), f"--vision-tower {self.clip_dir}"
+            vision, origin = vision_config_from_hf(self._clip_source()[0]), f"--vision-tower {self.clip_dir}"
         elif self.tower_inside():
             merged = {k: v for _, meta in self._llava_metas() for k, v in meta.items()}
             vision, origin = vision_from_shapes(merged, self.directory), f"the vision tower in {self.directory}"
