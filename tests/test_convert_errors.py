@@ -208,7 +208,7 @@ def test_failure_while_writing_leaves_nothing(original, tmp_path, monkeypatch, c
     src, clip = original
     from weights_convert import convert as convert_module
 
-    real = convert_module.StreamingShardWriter.write
+    real = convert_module.ShardWriter.write
     calls = []
 
     def failing(self, name, tensor):
@@ -217,7 +217,7 @@ def test_failure_while_writing_leaves_nothing(original, tmp_path, monkeypatch, c
             raise OSError("No space left on device")
         real(self, name, tensor)
 
-    monkeypatch.setattr(convert_module.StreamingShardWriter, "write", failing)
+    monkeypatch.setattr(convert_module.ShardWriter, "write", failing)
     assert "No space left" in run([src, tmp_path / "out", "--vision-tower", clip], capsys)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 

@@ -25,7 +25,10 @@ from safetensors import SafetensorError, safe_open
 
 from minillava.checkpoint import (
     DEFAULT_SHARD_BYTES,
+    SAFETENSORS_DTYPES,
     CheckpointError,
+    ShardWriter,
+    TensorMeta,
     atomic_directory,
     build_empty,
     cast,
@@ -46,20 +49,6 @@ WEIGHT_LAYOUTS = (
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
 )
 
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
 DTYPE_FROM_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
@@ -136,19 +125,6 @@ def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
     if bad:
         raise ConversionError(f"{path}: entries that are not named tensors: {', '.join(map(str, bad[:10]))}")
     return state
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
 
 
 MAX_HEADER_BYTES = 100 * 10**6  # safetensors' own limit
@@ -374,88 +350,6 @@ class MinillavaSource:
 # --- writing ---------------------------------------------------------------------------------------------------
 
 
-class StreamingShardWriter:
-    """Safetensors shards whose layout is fixed up front, so each tensor is written the moment it arrives.
-
-    ``entries`` (name, shape, dtype) are cut into shards of at most ``max_shard_bytes`` in the given order. Every
-    shard file gets its header and full length at once; :meth:`write` puts a tensor's bytes at its offset. Nothing
-    is buffered, unlike ``safetensors.save_file``, which needs (and copies) a whole shard in memory.
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        entries: list[tuple[str, tuple[int, ...], torch.dtype]],
-        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-        base: str = "model",
-    ) -> None:
-        if max_shard_bytes <= 0:
-            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-        shards: list[list[tuple[str, TensorMeta]]] = [[]]
-        size = 0
-        for name, shape, dtype in entries:
-            meta = TensorMeta(tuple(shape), dtype)
-            if shards[-1] and size + meta.nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append((name, meta))
-            size += meta.nbytes
-        n = len(shards)
-        names = [f"{base}.safetensors"] if n == 1 else [f"{base}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self.files = [directory / name for name in names]
-        self.index_path = None if n == 1 else directory / f"{base}.safetensors.index.json"
-        self.slots: dict[str, tuple[Path, int, TensorMeta]] = {}
-        self.total_bytes = 0
-        for path, shard in zip(self.files, shards, strict=True):
-            self._lay_out(path, shard)
-        self.written: set[str] = set()
-
-    def _lay_out(self, path: Path, shard: list[tuple[str, TensorMeta]]) -> None:
-        # Widest dtypes first keeps every tensor aligned to its element size, as safetensors' own writer does.
-        ordered = sorted(shard, key=lambda item: -item[1].dtype.itemsize)
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, meta in ordered:
-            header[name] = {
-                "dtype": SAFETENSORS_DTYPES[meta.dtype],
-                "shape": list(meta.shape),
-                "data_offsets": [offset, offset + meta.nbytes],
-            }
-            offset += meta.nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        start = 8 + len(blob)
-        with open(path, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            f.truncate(start + offset)
-        for name, meta in ordered:
-            self.slots[name] = (path, start + header[name]["data_offsets"][0], meta)
-        self.total_bytes += offset
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        path, offset, meta = self.slots[name]
-        if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
-            raise CheckpointError(
-                f"{name}: got {list(tensor.shape)} {tensor.dtype}, planned {list(meta.shape)} {meta.dtype}"
-            )
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        with open(path, "r+b") as f:
-            f.seek(offset)
-            f.write(memoryview(data))
-        self.written.add(name)
-
-    def close(self) -> None:
-        """Check that every planned tensor was written and write the index for a sharded checkpoint."""
-        missing = sorted(set(self.slots) - self.written)
-        if missing:
-            raise CheckpointError(f"tensors planned but never written: {', '.join(missing)}")
-        if self.index_path is not None:
-            weight_map = {name: path.name for name, (path, _, _) in self.slots.items()}
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            self.index_path.write_text(json.dumps(index, indent=2) + "\n")
-
-
 ProgressFn = Callable[[int, int, Path], None]
 
 
@@ -488,7 +382,7 @@ def convert(
         (p.ours, p.meta.shape, out_dtype(p.meta.dtype, p.target(dtype))) for _, planned in files for p in planned
     ]
     with atomic_directory(dst, force=force) as tmp:
-        writer = StreamingShardWriter(tmp, entries, max_shard_bytes)
+        writer = ShardWriter(tmp, entries, max_shard_bytes)
         for i, (path, planned) in enumerate(files):
             if progress:
                 progress(i, len(files), path)

@@ -30,7 +30,7 @@ from minillava.checkpoint import (
 )
 from minillava.config import LlavaConfig
 
-from .convert import ConversionError, ProgressFn, StreamingShardWriter, open_tensors, out_dtype, read_meta
+from .convert import ConversionError, ProgressFn, ShardWriter, open_tensors, out_dtype, read_meta
 from .hf_llava import CARRIED_FILES
 from .keymaps import HF_V4, UnmappedKeyError
 
@@ -214,7 +214,7 @@ def export_hf(
     llm_dtype = next(d for name, _, d in entries if name == HF_V4.to_theirs("llm.embed_tokens.weight"))
     hf_config = hf_config_dict(config, vocab, llm_dtype)
     with atomic_directory(dst, force=force) as tmp:
-        writer = StreamingShardWriter(tmp, entries, max_shard_bytes)
+        writer = ShardWriter(tmp, entries, max_shard_bytes)
         for i, (path, meta) in enumerate(metas):
             if progress:
                 progress(i, len(metas), path)

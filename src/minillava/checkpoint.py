@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .config import LlavaConfig
 from .model import Llava
@@ -25,6 +27,34 @@ from .model import Llava
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
 
 
 class CheckpointError(ValueError):
@@ -162,45 +192,93 @@ def load(
 
 
 class ShardWriter:
-    """Streams ``(name, tensor)`` pairs into safetensors shards of at most ``max_shard_bytes``."""
+    """Safetensors shards whose layout is fixed up front, so each tensor is written the moment it arrives.
 
-    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
-        self.directory = directory
-        self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
+    ``entries`` (name, shape, dtype) are cut into shards of at most ``max_shard_bytes`` in the given order. Every
+    shard file gets its header and full length at once; :meth:`write` puts a tensor's bytes at its offset. Nothing
+    is buffered, unlike ``safetensors.save_file``, which needs (and copies) a whole shard in memory.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        base: str = "model",
+    ) -> None:
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        shards: list[list[tuple[str, TensorMeta]]] = [[]]
+        size = 0
+        for name, shape, dtype in entries:
+            meta = TensorMeta(tuple(shape), dtype)
+            if shards[-1] and size + meta.nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, meta))
+            size += meta.nbytes
+        n = len(shards)
+        names = [f"{base}.safetensors"] if n == 1 else [f"{base}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.files = [directory / name for name in names]
+        self.index_path = None if n == 1 else directory / f"{base}.safetensors.index.json"
+        self.slots: dict[str, tuple[Path, int, TensorMeta]] = {}
         self.total_bytes = 0
+        for path, shard in zip(self.files, shards, strict=True):
+            self._lay_out(path, shard)
+        self.written: set[str] = set()
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
-            self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
+    def _lay_out(self, path: Path, shard: list[tuple[str, TensorMeta]]) -> None:
+        # Widest dtypes first keeps every tensor aligned to its element size, as safetensors' own writer does.
+        ordered = sorted(shard, key=lambda item: -item[1].dtype.itemsize)
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, meta in ordered:
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[meta.dtype],
+                "shape": list(meta.shape),
+                "data_offsets": [offset, offset + meta.nbytes],
+            }
+            offset += meta.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        start = 8 + len(blob)
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            f.truncate(start + offset)
+        for name, meta in ordered:
+            self.slots[name] = (path, start + header[name]["data_offsets"][0], meta)
+        self.total_bytes += offset
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        save_file(self.pending, str(self.directory / f"shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        path, offset, meta = self.slots[name]
+        if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
+            raise CheckpointError(
+                f"{name}: got {list(tensor.shape)} {tensor.dtype}, planned {list(meta.shape)} {meta.dtype}"
+            )
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(memoryview(data))
+        self.written.add(name)
 
-    def close(self, base: str = "model") -> None:
-        """Flush and name the shards ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index."""
-        self.flush()
-        n = len(self.shards)
-        if n == 1:
-            os.replace(self.directory / "shard-00000.tmp", self.directory / f"{base}.safetensors")
-            return
-        weight_map = {}
-        for i, names in enumerate(self.shards):
-            final = f"{base}-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.directory / f"shard-{i:05d}.tmp", self.directory / final)
-            weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.directory / f"{base}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    def close(self) -> None:
+        """Check that every planned tensor was written and write the index for a sharded checkpoint."""
+        missing = sorted(set(self.slots) - self.written)
+        if missing:
+            raise CheckpointError(f"tensors planned but never written: {', '.join(missing)}")
+        if self.index_path is not None:
+            weight_map = {name: path.name for name, (path, _, _) in self.slots.items()}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            self.index_path.write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_state(directory: Path, state: dict[str, torch.Tensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Write ``state`` as ``model.safetensors`` (or shards + index) in ``directory``, one tensor at a time."""
+    writer = ShardWriter(directory, [(k, tuple(v.shape), v.dtype) for k, v in state.items()], max_shard_bytes)
+    for name, tensor in state.items():
+        writer.write(name, tensor)
+    writer.close()
 
 
 @contextmanager
@@ -243,9 +321,7 @@ def save(
     """
     with atomic_directory(path, force=force) as tmp:
         model.config.save(tmp)
-        writer = ShardWriter(tmp, max_shard_bytes)
-        for name, tensor in model.state_dict().items():
-            writer.add(name, cast(tensor.detach(), dtype).cpu())
-        writer.close()
+        state = {name: cast(tensor.detach(), dtype) for name, tensor in model.state_dict().items()}
+        write_state(tmp, state, max_shard_bytes)
         for extra in extra_files:
             shutil.copy2(extra, tmp / Path(extra).name)

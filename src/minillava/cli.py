@@ -234,16 +234,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
 
-_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}
-
-
 def describe_checkpoint(path: Path) -> dict:
     """What ``info`` prints, from ``config.json`` and the safetensors headers (no weights are read)."""
     from safetensors import safe_open
 
     from .chat import default_template_for
-    from .checkpoint import safetensors_files
+    from .checkpoint import SAFETENSORS_DTYPES, safetensors_files
     from .config import LlavaConfig
+
+    dtype_names = {code: str(dtype).removeprefix("torch.") for dtype, code in SAFETENSORS_DTYPES.items()}
 
     config = LlavaConfig.load(path)
     parts = {"vision": 0, "projector": 0, "llm": 0}
@@ -257,7 +256,7 @@ def describe_checkpoint(path: Path) -> dict:
                     n *= d
                 part = name.split(".", 1)[0]
                 parts[part] = parts.get(part, 0) + n
-                dtype = _SAFETENSORS_DTYPES.get(tensor.get_dtype(), tensor.get_dtype())
+                dtype = dtype_names.get(tensor.get_dtype(), tensor.get_dtype())
                 dtypes[dtype] = dtypes.get(dtype, 0) + n
     t, v = config.text, config.vision
     return {

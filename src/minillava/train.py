@@ -49,7 +49,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .chat import TEMPLATES
-from .checkpoint import ShardWriter, atomic_directory, build_empty, iter_safetensors, load, safetensors_files
+from .checkpoint import atomic_directory, build_empty, iter_safetensors, load, safetensors_files, write_state
 from .config import LlavaConfig
 from .data import Collator, LlavaDataset
 from .labels import IGNORE_INDEX
@@ -331,10 +331,7 @@ def write_model_files(
 ) -> None:
     """A minillava checkpoint: ``config.json``, safetensors weights and the tokenizer files."""
     config.save(directory)
-    writer = ShardWriter(directory)
-    for name, tensor in state.items():
-        writer.add(name, tensor.detach().cpu())
-    writer.close()
+    write_state(directory, state)
     if carried_from is not None:
         for name in CARRIED_FILES:
             if (carried_from / name).is_file():
