@@ -25,7 +25,7 @@ lint: install
 
 # The bundled tiny model (src/minillava/assets/shapes) answering about a bundled image, offline.
 demo: install
-	$(VENV)/bin/minillava generate --image src/minillava/assets/shapes/example-1.png --prompt "How many shapes are there?"
+	$(VENV)/bin/minillava generate --image src/minillava/assets/shapes/example-1.png --prompt "Describe the image briefly."
 
 # Rebuild the bundled model from its seed (about 30 minutes on 2 CPU cores; one thread for bit-for-bit results).
 train-demo: install

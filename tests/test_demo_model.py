@@ -18,10 +18,10 @@ from minillava.shapes.data import answers_match
 from minillava.shapes.recipe import ASSET_DIR, MAX_NEW_TOKENS, TOKENIZER_FILES, evaluate
 
 MAX_WEIGHT_BYTES = 20 * 1024**2
-SUBSET_IMAGES = 6  # about 33 questions, every type, a few seconds
-# The issue asks for >= 90% on held-out questions; the bundled model is far below that (39% overall, 42% on this
-# subset; see docs): until a better model is trained this is a regression guard, not the quality target.
-MIN_SUBSET_ACCURACY = 0.30
+SUBSET_IMAGES = 20  # about 105 questions, every type, a few seconds
+# The issue asks for >= 90% on held-out questions; the bundled model answers 73.6% of 1,061 (71.3% on this
+# subset; see the README): until a better model is trained this is a regression guard, not the quality target.
+MIN_SUBSET_ACCURACY = 0.60
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_heldout_subset_accuracy(bundled):
     model, processor = bundled
     scores = evaluate(model, processor, SUBSET_IMAGES, batch_size=64)
     correct, total = scores["all"]
-    assert total >= 30
+    assert total >= 100
     assert correct / total >= MIN_SUBSET_ACCURACY, scores
 
 

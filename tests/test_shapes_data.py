@@ -16,6 +16,7 @@ from minillava.shapes.data import (
     POSITIONS,
     QTYPES,
     SHAPES,
+    TRAIN_TURNS,
     answers_match,
     ask,
     describe,
@@ -63,7 +64,7 @@ def test_llava_format(tmp_path):
     for rec, cap in zip(records, captions, strict=True):
         assert (tmp_path / rec["image"]).is_file() and rec["image"] == cap["image"]
         conv = rec["conversations"]
-        assert 2 <= len(conv) <= 6 and len(conv) % 2 == 0
+        assert 2 <= len(conv) <= 2 * TRAIN_TURNS and len(conv) % 2 == 0
         assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
         assert conv[0]["value"].startswith("<image>\n")
         assert all("<image>" not in t["value"] for t in conv[1:])
@@ -167,15 +168,15 @@ def _expected(question: str, qtype: str, objects: list[dict]) -> str:
     return {"shape": obj["kind"], "color": obj["color"], "position": POSITIONS[obj["cell"]]}[qtype]
 
 
-@pytest.mark.parametrize("image_size", [64, 56, 96])
+@pytest.mark.parametrize("image_size", [72, 56, 96])
 def test_answers_match_the_pixels(image_size):
     seen_types = set()
-    n = 150 if image_size == 64 else 40
+    n = 150 if image_size == 72 else 40
     for index in range(n):
         rng = sample_rng(3, "train", index)
         shapes = sample_scene(rng, image_size)
         image = render_scene(shapes, rng, image_size)
-        turns = ask(shapes, rng, 6)  # more turns than training uses, to cover every qtype
+        turns = ask(shapes, rng, 6)
         objects = _objects_from_pixels(image)
         assert len(objects) == len(shapes), index  # no overlaps, nothing lost to the background
         kinds = sorted((o["kind"], o["color"], o["cell"]) for o in objects)
@@ -201,7 +202,7 @@ def test_caption_and_answer_vocabulary():
     }
     for index in range(200):
         _, turns, caption = make_sample(sample_rng(0, "train", index))
-        assert 1 <= len(turns) <= 3
+        assert 1 <= len(turns) <= TRAIN_TURNS
         assert len({q for q, _, _ in turns}) == len(turns)
         assert re.fullmatch(r"A (small|big) [a-z]+ [a-z]+ (at|on|in) the [a-z ]+((, a| and a) .+)?\.", caption)
         for _, answer, qtype in turns:
@@ -282,3 +283,15 @@ def test_tokenizer_loads_in_transformers_identically(tokenizer_dir):
         _, turns, _ = make_sample(sample_rng(0, "heldout", index))
         text = vicuna_v1_text([{"from": "human", "value": "<image>\n" + turns[0].question}])
         assert hf(text).input_ids == [1, *sp.encode(text)]
+
+
+def test_one_shape_scenes_and_every_fact_asked():
+    """The easy stage-2 round draws one-shape images; a one-shape image is asked every fact about it."""
+    for index in range(100):
+        image, turns, caption = make_sample(sample_rng(0, "train", index), max_shapes=1)
+        assert image.size == (72, 72)
+        assert caption.count(" a ") == 0 and caption.startswith("A ")
+        assert sorted(q.qtype for q in turns) == sorted(["shape", "color", "count", "position", "describe"])
+        assert next(q.answer for q in turns if q.qtype == "count") == "1"
+    with pytest.raises(ValueError, match="max_shapes"):
+        sample_scene(sample_rng(0, "train", 0), max_shapes=4)

@@ -99,6 +99,13 @@ NOISE_AMPLITUDE = 10
 
 QTYPES = ("shape", "color", "count", "position", "bigger", "describe")
 
+# 72 px = a 3x3 grid of 24-px cells: with 24-px patches every shape lies inside one image token.
+IMAGE_SIZE = 72
+MAX_SHAPES = 3
+# Training conversations ask up to this many different facts about one image (every fact of a one-shape
+# image): more supervised answers per image than one or two turns, for the same image and prompt tokens.
+TRAIN_TURNS = 8
+
 DESCRIBE_PROMPTS = ("Describe the image briefly.", "Give a short description of the image.", "What is in the image?")
 # Stage-1 (projector alignment) prompt; the ``plain`` template replaces the human turn by <image>.
 CAPTION_PROMPT = "Describe the image briefly."
@@ -167,11 +174,13 @@ def _side_range(size: str, image_size: int) -> tuple[int, int]:
     return min(round(BIG_SIDE_MIN * image_size), hi), hi
 
 
-def sample_scene(rng: random.Random, image_size: int = 64) -> list[Shape]:
-    """Draw one to three shapes in distinct cells, with distinct (kind, colour) pairs."""
+def sample_scene(rng: random.Random, image_size: int = IMAGE_SIZE, max_shapes: int = MAX_SHAPES) -> list[Shape]:
+    """Draw one to ``max_shapes`` (at most three) shapes in distinct cells, with distinct (kind, colour) pairs."""
     if image_size < 36:
         raise ValueError(f"image_size {image_size} is too small for legible shapes (>= 36)")
-    count = rng.randint(1, 3)
+    if not 1 <= max_shapes <= MAX_SHAPES:
+        raise ValueError(f"max_shapes must be 1..{MAX_SHAPES}, got {max_shapes}")
+    count = rng.randint(1, max_shapes)
     cells = rng.sample(range(9), count)
     cell_side = image_size / 3
     shapes: list[Shape] = []
@@ -216,7 +225,7 @@ def _polygon(kind: str, box: tuple[int, int, int, int]) -> list[tuple[float, flo
     raise ValueError(f"unknown shape {kind!r}")
 
 
-def render_scene(shapes: list[Shape], rng: random.Random, image_size: int = 64) -> Image.Image:
+def render_scene(shapes: list[Shape], rng: random.Random, image_size: int = IMAGE_SIZE) -> Image.Image:
     """Draw ``shapes`` on a plain or mildly noisy light background (RGB, ``image_size`` square)."""
     size = (image_size, image_size)
     if rng.random() < 0.5:
@@ -339,15 +348,17 @@ def ask_each_type(shapes: list[Shape], rng: random.Random) -> list[QA]:
     return turns
 
 
-def make_sample(rng: random.Random, image_size: int = 64) -> tuple[Image.Image, list[QA], str]:
-    """One image, its 1-3 question turns ``(question, answer, qtype)`` and its caption.
+def make_sample(
+    rng: random.Random, image_size: int = IMAGE_SIZE, max_shapes: int = MAX_SHAPES
+) -> tuple[Image.Image, list[QA], str]:
+    """One image, up to ``TRAIN_TURNS`` question turns ``(question, answer, qtype)`` and its caption.
 
     ``rng`` is normally :func:`sample_rng`'s; the draws happen in a fixed order (scene, pixels,
     questions), so the same stream always gives the same sample.
     """
-    shapes = sample_scene(rng, image_size)
+    shapes = sample_scene(rng, image_size, max_shapes)
     image = render_scene(shapes, rng, image_size)
-    turns = ask(shapes, rng, rng.randint(1, 3))
+    turns = ask(shapes, rng, TRAIN_TURNS)
     return image, turns, describe(shapes)
 
 
@@ -366,9 +377,9 @@ def image_id(split: str, index: int) -> str:
 
 
 def generate_dataset(
-    out_dir: str | os.PathLike, n_images: int, seed: int, split: str = "train", image_size: int = 64
+    out_dir: str | os.PathLike, n_images: int, seed: int, split: str = "train", image_size: int = IMAGE_SIZE
 ) -> dict[str, Path]:
-    """Write ``images/{split}-NNNNNN.png``, ``{split}.json`` (1-3 QA turns per image) and
+    """Write ``images/{split}-NNNNNN.png``, ``{split}.json`` (up to ``TRAIN_TURNS`` QA turns per image) and
     ``{split}_captions.json`` (one caption turn per image, for stage 1) under ``out_dir``.
 
     The output is a pure function of (n_images, seed, split, image_size): image ``i`` is the same
@@ -403,13 +414,13 @@ def generate_dataset(
 
 
 def iter_questions(
-    n_images: int, seed: int, split: str = "heldout", image_size: int = 64, start: int = 0
+    n_images: int, seed: int, split: str = "heldout", image_size: int = IMAGE_SIZE, start: int = 0
 ) -> Iterator[EvalQuestion]:
     """One question of every askable qtype for images ``start .. start+n_images-1`` of ``split``.
 
     The images are exactly those :func:`generate_dataset` writes for the same arguments; the
     questions are drawn from a separate stream so they are balanced across qtypes (five per image,
-    plus ``bigger`` where it is askable) rather than the 1-3 of the training turns.
+    plus ``bigger`` where it is askable) and asked one per conversation, as a user would.
     """
     for index in range(start, start + n_images):
         rng = sample_rng(seed, split, index)
