@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import minillava
-from minillava.shapes.data import COLORS, SHAPES, SIZES, sample_rng, sample_scene
-from minillava.shapes.recipe import Arch, build_config, cell_labels, init_weights, pretrain_tower, write_qa_records
+from minillava.shapes.data import COLORS, SHAPES, SIZES, generate_dataset, sample_rng, sample_scene
+from minillava.shapes.recipe import Arch, build_config, cell_labels, init_weights, pretrain_tower
 
 
 def tiny_model(**vision) -> minillava.Llava:
@@ -54,7 +54,8 @@ def test_pretrain_tower_needs_one_token_per_cell():
 
 
 def test_one_shape_round_records(tmp_path):
-    path = write_qa_records(tmp_path, 100, 5, "easy.json", max_shapes=1)
+    path = generate_dataset(tmp_path, 5, 0, "train", start=100, max_shapes=1, stem="easy")["qa"]
+    assert path.name == "easy.json"
     records = json.loads(path.read_text())
     assert [r["id"] for r in records] == [f"train-{i:06d}" for i in range(100, 105)]
     for record in records:

@@ -377,22 +377,31 @@ def image_id(split: str, index: int) -> str:
 
 
 def generate_dataset(
-    out_dir: str | os.PathLike, n_images: int, seed: int, split: str = "train", image_size: int = IMAGE_SIZE
+    out_dir: str | os.PathLike,
+    n_images: int,
+    seed: int,
+    split: str = "train",
+    image_size: int = IMAGE_SIZE,
+    *,
+    start: int = 0,
+    max_shapes: int = MAX_SHAPES,
+    stem: str | None = None,
 ) -> dict[str, Path]:
-    """Write ``images/{split}-NNNNNN.png``, ``{split}.json`` (up to ``TRAIN_TURNS`` QA turns per image) and
-    ``{split}_captions.json`` (one caption turn per image, for stage 1) under ``out_dir``.
+    """Write ``images/{split}-NNNNNN.png``, ``{stem}.json`` (up to ``TRAIN_TURNS`` QA turns per image) and
+    ``{stem}_captions.json`` (one caption turn per image, for stage 1) under ``out_dir``, for images
+    ``start .. start+n_images-1`` with at most ``max_shapes`` shapes each; ``stem`` defaults to ``split``.
 
-    The output is a pure function of (n_images, seed, split, image_size): image ``i`` is the same
-    whatever ``n_images`` is, so a bigger set extends a smaller one. Train and held-out files can
-    share one ``out_dir``; their names never clash.
+    The output is a pure function of the arguments: image ``i`` is the same whatever ``n_images`` is, so a
+    bigger set extends a smaller one. Train and held-out files can share one ``out_dir``; their names never
+    clash (give a second train set over other indices its own ``stem``).
     """
     if n_images < 0:
         raise ValueError(f"n_images must be >= 0, got {n_images}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     qa_records, caption_records = [], []
-    for index in range(n_images):
-        image, turns, caption = make_sample(sample_rng(seed, split, index), image_size)
+    for index in range(start, start + n_images):
+        image, turns, caption = make_sample(sample_rng(seed, split, index), image_size, max_shapes)
         ident = image_id(split, index)
         rel = f"images/{ident}.png"
         image.save(out / rel, format="PNG")
@@ -407,7 +416,8 @@ def generate_dataset(
                 ],
             }
         )
-    paths = {"qa": out / f"{split}.json", "captions": out / f"{split}_captions.json", "images": out / "images"}
+    stem = stem or split
+    paths = {"qa": out / f"{stem}.json", "captions": out / f"{stem}_captions.json", "images": out / "images"}
     paths["qa"].write_text(json.dumps(qa_records, indent=1) + "\n")
     paths["captions"].write_text(json.dumps(caption_records, indent=1) + "\n")
     return paths

@@ -32,13 +32,19 @@ import torch
 
 import minillava
 from minillava.config import BUNDLED_MODEL, ImageConfig, LlavaConfig, TextConfig, VisionConfig
+from minillava.image import pixel_values
 from minillava.shapes.data import (
+    COLORS,
     IMAGE_SIZE,
     QTYPES,
+    SHAPES,
+    SIZES,
     answers_match,
+    generate_dataset,
     iter_questions,
-    make_sample,
+    render_scene,
     sample_rng,
+    sample_scene,
 )
 from minillava.shapes.tokenizer import dataset_texts, train_tokenizer
 
@@ -155,8 +161,6 @@ TOWER_FIRST_INDEX = 1_000_000  # train-split images for stage 0 start here, clea
 
 def cell_labels(shapes: list, cells: int = 9) -> torch.Tensor:
     """Per cell (row-major): ``[kind + 1, colour + 1, size + 1, cell]``, 0 meaning "no shape" for the first three."""
-    from minillava.shapes.data import COLORS, SHAPES, SIZES
-
     labels = torch.zeros(cells, 4, dtype=torch.long)
     labels[:, 3] = torch.arange(cells)
     for shape in shapes:
@@ -176,9 +180,6 @@ def pretrain_tower(
     meanwhile settles for answers from the question alone (colour and kind at chance after 400 steps); with
     600 steps of this (about a minute) the same run answered 54% overall after 500 steps, 92% on "bigger".
     """
-    from minillava.image import pixel_values
-    from minillava.shapes.data import COLORS, SHAPES, SIZES, render_scene, sample_scene
-
     vision = model.config.vision
     grid = vision.image_size // vision.patch_size
     if grid != 3 or vision.image_size != IMAGE_SIZE:
@@ -201,10 +202,10 @@ def pretrain_tower(
             pixels.append(pixel_values(render_scene(shapes, rng, IMAGE_SIZE), model.config.image))
             labels.append(cell_labels(shapes, grid * grid))
         logits = head(model.vision(torch.stack(pixels), [-1])[:, 1:])  # drop the class token: one row per cell
-        target = torch.stack(labels)
+        parts, target = logits.split(sizes, dim=-1), torch.stack(labels)
         loss = sum(
             torch.nn.functional.cross_entropy(part.flatten(0, 1), target[..., k].flatten())
-            for k, part in enumerate(logits.split(sizes, dim=-1))
+            for k, part in enumerate(parts)
         )
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, step / warmup) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
@@ -212,10 +213,7 @@ def pretrain_tower(
         loss.backward()
         optimizer.step()
         if step % 100 == 0 or step == steps:
-            accuracy = [
-                (part.argmax(-1) == target[..., k]).float().mean().item()
-                for k, part in enumerate(logits.split(sizes, dim=-1))
-            ]
+            accuracy = [(part.argmax(-1) == target[..., k]).float().mean().item() for k, part in enumerate(parts)]
             kind, colour, size, cell = (f"{100 * a:.0f}%" for a in accuracy)
             log(
                 f"stage 0 step {step}/{steps}: loss {loss.item():.3f}; per token kind {kind} colour {colour} "
@@ -274,13 +272,15 @@ def train_with_trainer(init: Path, work: Path, args: argparse.Namespace, log: Ca
     three shapes from the first step, colour stayed at chance for 400 steps; after 150 single-shape steps it
     was at 60% by step 400 and climbing.
     """
-    from minillava.shapes.data import generate_dataset
     from minillava.train import main as train_main
 
     t0 = time.perf_counter()
     paths = generate_dataset(work / "data", args.n_images, SEED, "train", IMAGE_SIZE)
-    easy = write_qa_records(work / "data", args.n_images, args.easy_steps * args.batch_size, "train_easy.json", 1)
-    log(f"wrote {args.n_images} + {args.easy_steps * args.batch_size} train images in {time.perf_counter() - t0:.0f}s")
+    easy_images = args.easy_steps * args.batch_size  # one-shape images, on indices after the full set's
+    easy = generate_dataset(
+        work / "data", easy_images, SEED, "train", IMAGE_SIZE, start=args.n_images, max_shapes=1, stem="train_easy"
+    )["qa"]
+    log(f"wrote {args.n_images} + {easy_images} train images in {time.perf_counter() - t0:.0f}s")
     common = ["--batch-size", str(args.batch_size), "--precision", "fp32", "--seed", str(SEED)]
     common += ["--warmup-ratio", "0.03", "--log-every", "10", "--no-progress"]
     # After stage 1 the checkpoint's template is "plain"; stage 2 names the real chat template again.
@@ -305,24 +305,6 @@ def _run_trainer(train_main, model_dir, data, image_folder, out, stage, steps, l
     if train_main(argv) != 0:
         raise RuntimeError(f"minillava.train failed ({stage} into {out})")
     log(f"{stage} -> {out}: {time.perf_counter() - t0:.0f}s")
-
-
-def write_qa_records(out_dir: Path, first: int, count: int, name: str, max_shapes: int) -> Path:
-    """Train images ``first .. first+count-1`` with at most ``max_shapes`` shapes and their QA turns, in
-    :func:`generate_dataset`'s file layout, into ``out_dir/name``."""
-    from minillava.shapes.data import conversation, image_id
-
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    for index in range(first, first + count):
-        image, turns, _ = make_sample(sample_rng(SEED, "train", index), IMAGE_SIZE, max_shapes)
-        ident = image_id("train", index)
-        rel = f"images/{ident}.png"
-        image.save(out_dir / rel, format="PNG")
-        records.append({"id": ident, "image": rel, "conversations": conversation(turns)})
-    path = out_dir / name
-    path.write_text(json.dumps(records, indent=1) + "\n")
-    return path
 
 
 EXAMPLE_SEARCH = 200  # images tried per example before giving up
