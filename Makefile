@@ -27,9 +27,9 @@ lint: install
 demo: install
 	$(VENV)/bin/minillava generate --image src/minillava/assets/shapes/example-1.png --prompt "Describe the image briefly."
 
-# Rebuild the bundled model from its seed (about 30 minutes on 2 CPU cores; one thread for bit-for-bit results).
+# Rebuild the bundled model from its seed (about 30 minutes on 2 CPU cores; bit for bit on two threads).
 train-demo: install
-	OMP_NUM_THREADS=1 $(PY) -m minillava.shapes.recipe
+	OMP_NUM_THREADS=2 $(PY) -m minillava.shapes.recipe
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -180,6 +180,11 @@ class LlavaDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def lengths(self) -> list[int]:
+        """A cheap length estimate per sample (words of all turns), to group similar lengths into batches."""
+        return [sum(len(m["content"].split()) for m in messages) for _, messages, _ in self.samples]
+
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         sample_id, messages, paths = self.samples[index]
         try:
@@ -200,6 +205,29 @@ class LlavaDataset(Dataset):
             print(f"skipping {err}", file=sys.stderr)
             return None
         return {"id": sample_id, **example}
+
+
+def group_by_length(
+    indices: Sequence[int], lengths: Sequence[int], batch_size: int, seed: int, megabatch: int = 32
+) -> list[int]:
+    """``indices`` reordered so that each run of ``batch_size`` holds samples of similar length: less padding.
+
+    The indices are cut, in their (already shuffled) order, into megabatches of ``megabatch`` batches; each is
+    sorted by length and split into batches, and the full batches of a megabatch are shuffled (seeded) so that
+    steps do not go from long to short. A short batch can only be the very last one. Like transformers'
+    ``group_by_length`` and LLaVA's modality-length grouping, without the distributed split.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    out: list[int] = []
+    chunk = batch_size * megabatch
+    for start in range(0, len(indices), chunk):
+        ordered = sorted(indices[start : start + chunk], key=lambda i: lengths[i], reverse=True)
+        batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+        full = len(ordered) // batch_size
+        for b in torch.randperm(full, generator=generator).tolist():
+            out += batches[b]
+        out += [i for batch in batches[full:] for i in batch]
+    return out
 
 
 class Collator:

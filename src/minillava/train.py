@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .chat import TEMPLATES
 from .checkpoint import atomic_directory, build_empty, iter_safetensors, load, safetensors_files, write_state
 from .config import LlavaConfig
-from .data import Collator, LlavaDataset
+from .data import Collator, LlavaDataset, group_by_length
 from .labels import IGNORE_INDEX
 from .model import Llava
 from .processor import load_processor
@@ -108,6 +108,7 @@ class TrainConfig:
     skip_bad_samples: bool = False
     log_every: int = 1
     num_workers: int = 0
+    group_by_length: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -582,7 +583,10 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
 
     while step < total_steps:
         sampler.set_epoch(epoch)
-        indices = list(sampler)[epoch_samples // rt.world :]
+        indices = list(sampler)
+        if cfg.group_by_length:
+            indices = group_by_length(indices, dataset.lengths, cfg.batch_size, seed=cfg.seed + epoch)
+        indices = indices[epoch_samples // rt.world :]
         remaining = len(indices)
         loader = iter(
             DataLoader(
@@ -715,6 +719,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--skip-bad-samples", action="store_true", help="drop unreadable/invalid samples, with a count")
     p.add_argument("--log-every", type=int, default=1, help="progress line every N steps (log.jsonl: every step)")
     p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="batch samples of similar length together (less padding, faster); the order stays seeded",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     return TrainConfig(**vars(args))
