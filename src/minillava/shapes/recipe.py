@@ -404,7 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vision-layers", type=int, default=3)
     p.add_argument("--text-hidden", type=int, default=192)
     p.add_argument("--text-layers", type=int, default=4)
-    p.add_argument("--train-vision", action="store_true", help="train the tower in stage 2 too (worse, see above)")
+    p.add_argument(
+        "--train-vision", action="store_true", help="also train the tower in stage 2 (measured worse: see the README)"
+    )
     # A fixed count: results are bit for bit only for the same thread count. The bundled model was trained on two.
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--assets-from", type=Path, help="skip training: write the assets from this trained checkpoint")
