@@ -293,9 +293,13 @@ def test_group_by_length_batches_similar_lengths_in_a_seeded_order():
     # Batches do not run from long to short: the megabatch's batches are shuffled.
     first = [max(lengths[i] for i in grouped[k : k + 8]) for k in range(0, 80, 8)]
     assert first != sorted(first, reverse=True)
-    # 1000 = 12 megabatches of 80 + 40: only the tail may hold a short batch, and it is last.
-    short = group_by_length(indices[:1003], lengths, batch_size=8, seed=3, megabatch=10)
-    assert sorted(short) == sorted(indices[:1003]) and short[:1000] != indices[:1000]
+    # Batches of 7: 1000 = 14 megabatches of 70 + a tail of 20 = two batches + a short batch of 6, which comes
+    # last and holds the tail's six shortest samples; every earlier batch is full.
+    short = group_by_length(indices, lengths, batch_size=7, seed=3, megabatch=10)
+    assert sorted(short) == sorted(indices)
+    tail = sorted(indices[980:], key=lambda i: lengths[i], reverse=True)
+    assert sorted(short[-6:]) == sorted(tail[14:])
+    assert sorted(short[980:994]) == sorted(tail[:14])
 
 
 def test_group_by_length_run_resumes_bit_for_bit(tiny, tmp_path):
