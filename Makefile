@@ -27,10 +27,10 @@ lint: install
 demo: install
 	$(VENV)/bin/minillava generate --image src/minillava/assets/shapes/example-1.png --prompt "Describe the image briefly."
 
-# Rebuild the bundled model from its seed, bit for bit (one thread: about 45 minutes here; --threads 2 takes 30
-# minutes but gives other weights, see the README).
+# Rebuild the bundled model from its seed, bit for bit on the same CPU (two threads, about 30 minutes here; the
+# weights depend on the thread count, see the README).
 train-demo: install
-	OMP_NUM_THREADS=1 $(PY) -m minillava.shapes.recipe
+	OMP_NUM_THREADS=2 $(PY) -m minillava.shapes.recipe
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -89,6 +89,16 @@ def test_special_token_strings_map_to_their_ids(tmp_path):
     assert tok.token_to_id("<image>") == VOCAB_SIZE and len(tok) == VOCAB_SIZE + 2
 
 
+def test_repeated_text_gives_equal_independent_ids(tmp_path):
+    # encode_text remembers the ids of texts it has seen (training re-encodes the same strings every epoch).
+    tok = Tokenizer.from_dir(write_tokenizer_dir(tmp_path, legacy=False))
+    text = "Hello</s>USER: hi"
+    first = tok.encode_text(text)
+    first.append(-1)  # a caller's edit must not leak into the next answer
+    assert tok.encode_text(text) == first[:-1] == tok.encode_text(text, add_special_tokens=True)
+    assert tok.encode_text(text, add_special_tokens=False) == first[1:-1]
+
+
 def test_legacy_flag_changes_ids_after_special_tokens(tmp_path):
     legacy = Tokenizer.from_dir(write_tokenizer_dir(tmp_path / "a", legacy=True))
     modern = Tokenizer.from_dir(write_tokenizer_dir(tmp_path / "b", legacy=False))

@@ -30,6 +30,7 @@ IMAGE_MARKER = "<image>"
 
 _SPIECE_UNDERLINE = "\u2581"  # "▁", sentencepiece's visible space
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_IDS_CACHE_SIZE = 4096  # distinct texts remembered by encode_text before the memo starts over (a few MB at most)
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,8 @@ class Tokenizer:
         self._added_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
         self._unk_text = unk_token or "<unk>"
         self._unk_len = len(self._sp_plain.encode(self._unk_text))
+        self._ids_cache: dict[str, tuple[int, ...]] = {}
+        self._piece_ids = {self._sp.id_to_piece(i): i for i in range(n)}  # a dict lookup, not a call per piece
 
         # Decoding tables: the bytes each piece stands for, whether it opens with the dummy-prefix space, and which
         # ids are special (dropped by skip_special_tokens).
@@ -351,12 +354,28 @@ class Tokenizer:
 
     def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Ids of one piece of text, as ``tokenizer(text).input_ids``: BOS/EOS per the checkpoint's flags."""
-        ids = [self._added[t].id if t in self._added else self._sp.piece_to_id(t) for t in self.tokenize(text)]
+        ids = list(self._text_ids(text))
         if add_special_tokens:
             if self.add_bos_token and self.bos_token_id is not None:
                 ids.insert(0, self.bos_token_id)
             if self.add_eos_token and self.eos_token_id is not None:
                 ids.append(self.eos_token_id)
+        return ids
+
+    def _text_ids(self, text: str) -> tuple[int, ...]:
+        # Training encodes every prefix of every conversation (labels.encode_supervised), and each prefix starts with
+        # the same text before the image (system prompt, role): tokenising was most of the data loader's time, and
+        # the ids depend on the text alone.
+        ids = self._ids_cache.get(text)
+        if ids is None:
+            piece_ids = self._piece_ids
+            ids = tuple(
+                self._added[t].id if t in self._added else piece_ids[t] if t in piece_ids else self._sp.piece_to_id(t)
+                for t in self.tokenize(text)
+            )
+            if len(self._ids_cache) >= _IDS_CACHE_SIZE:
+                self._ids_cache.clear()
+            self._ids_cache[text] = ids
         return ids
 
     def encode(
