@@ -1,7 +1,6 @@
 """Training data loader speed: seconds to load and collate one batch of LLaVA-format samples.
 
     .venv/bin/python benchmarks/bench_loader.py                # 32-sample batches of the demo's QA set
-    .venv/bin/python benchmarks/bench_loader.py --no-memo      # without the tokenizer's memo of repeated texts
 
 Writes a small shapes training set (multi-turn QA, the bundled model's template and tokenizer) to a temporary
 directory, then times ``LlavaDataset`` + ``Collator`` (PNG decode, preprocessing, chat template, tokenisation
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-import minillava.tokenizer
 from minillava.data import Collator, LlavaDataset
 from minillava.processor import load_processor
 from minillava.shapes.data import IMAGE_SIZE, generate_dataset
@@ -35,17 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=20, help="timed batches")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-memo", action="store_true", help="disable the tokenizer's memo of repeated texts")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.no_memo:
-        minillava.tokenizer._IDS_CACHE_SIZE = 0  # each new text empties the memo first: it holds one text at a time
     processor = load_processor(ASSET_DIR)
     n = (args.batches + WARMUP_BATCHES) * args.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         paths = generate_dataset(Path(tmp), n, SEED, "train", IMAGE_SIZE)
         dataset = LlavaDataset(paths["qa"], tmp, processor, template=TEMPLATE)
-        collate = Collator(processor.tokenizer.pad_token_id or 0)
+        collate = Collator(processor.pad_token_id)
         times = []
         for b in range(args.batches + WARMUP_BATCHES):
             start = time.perf_counter()
@@ -54,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                 times.append(time.perf_counter() - start)
     tokens = int(batch["attention_mask"].sum())
     print(
-        f"{args.batch_size}-sample batches, {args.threads} thread(s), memo {'off' if args.no_memo else 'on'}: "
+        f"{args.batch_size}-sample batches, {args.threads} thread(s): "
         f"median {statistics.median(times):.4f} s per batch over {len(times)} (last batch {tokens} tokens)"
     )
     return 0

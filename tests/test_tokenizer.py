@@ -90,7 +90,8 @@ def test_special_token_strings_map_to_their_ids(tmp_path):
 
 
 def test_repeated_text_gives_equal_independent_ids(tmp_path):
-    # encode_text remembers the ids of texts it has seen (training re-encodes the same strings every epoch).
+    # encode_text remembers the ids of texts it has seen (training encodes every prefix of a conversation, each
+    # starting with the same system prompt).
     tok = Tokenizer.from_dir(write_tokenizer_dir(tmp_path, legacy=False))
     text = "Hello</s>USER: hi"
     first = tok.encode_text(text)

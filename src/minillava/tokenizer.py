@@ -183,7 +183,10 @@ class Tokenizer:
         self._unk_text = unk_token or "<unk>"
         self._unk_len = len(self._sp_plain.encode(self._unk_text))
         self._ids_cache: dict[str, tuple[int, ...]] = {}
-        self._piece_ids = {self._sp.id_to_piece(i): i for i in range(n)}  # a dict lookup, not a call per piece
+        # Token string -> id in one dict lookup (a sentencepiece call per piece was most of the encoding time);
+        # added tokens take precedence over a sentencepiece piece of the same text, as they always did here.
+        self._token_ids = {self._sp.id_to_piece(i): i for i in range(n)}
+        self._token_ids.update((tok.content, tok.id) for tok in self._added.values())
 
         # Decoding tables: the bytes each piece stands for, whether it opens with the dummy-prefix space, and which
         # ids are special (dropped by skip_special_tokens).
@@ -368,11 +371,9 @@ class Tokenizer:
         # the ids depend on the text alone.
         ids = self._ids_cache.get(text)
         if ids is None:
-            piece_ids = self._piece_ids
-            ids = tuple(
-                self._added[t].id if t in self._added else piece_ids[t] if t in piece_ids else self._sp.piece_to_id(t)
-                for t in self.tokenize(text)
-            )
+            token_ids = self._token_ids
+            # A string outside the vocabulary (no byte fallback) is what piece_to_id maps to <unk>.
+            ids = tuple(token_ids[t] if t in token_ids else self._sp.piece_to_id(t) for t in self.tokenize(text))
             if len(self._ids_cache) >= _IDS_CACHE_SIZE:
                 self._ids_cache.clear()
             self._ids_cache[text] = ids
