@@ -290,10 +290,7 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         """The id of an added token or a sentencepiece piece, ``None`` if neither."""
-        if token in self._added:
-            return self._added[token].id
-        piece_id = self._sp.piece_to_id(token)
-        return piece_id if self._sp.id_to_piece(piece_id) == token else None
+        return self._token_ids.get(token)
 
     def add_special_id(self, token_id: int, text: str) -> None:
         """Make ``token_id`` decode as ``text`` and count as special (an image placeholder outside the vocabulary)."""
