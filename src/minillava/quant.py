@@ -1,0 +1,325 @@
+"""Weight-only int8 and 4-bit linear layers for the decoder, and the kernels they run on.
+
+Decoding one token reads every weight once, so its speed is bytes per second: weights of one or half a byte
+decode two to four times faster than bf16. Activations stay in the model's dtype; only the stored weights
+shrink. The CLIP tower, the projector, the embedding table and the norms keep the load dtype.
+
+Schemes, and their checkpoint form (the names a ``state_dict`` and a quantised checkpoint use):
+
+- ``int8``: one scale per output row, symmetric: ``w[n, k] ~ q[n, k] * scale[n]`` with ``q`` in -127..127.
+  ``weight`` int8 ``[N, K]``, ``weight_scale`` ``[N]``.
+- ``int4``: groups of :data:`INT4_GROUP` consecutive input columns, asymmetric:
+  ``w ~ (q - 8) * scale + zero`` with ``q`` in 0..15 (``zero`` is the value of the middle code; the form torch's
+  int4 kernels take). ``weight`` uint8 ``[N, K/2]`` with column ``2j`` in the low nibble of byte ``j`` and
+  ``2j+1`` in the high one; ``scales_and_zeros`` ``[K/G, N, 2]``.
+
+A call with at most :data:`FUSED_ROWS` rows (decode) runs torch's fused weight-only kernel; more rows (prefill)
+dequantise a tile of output rows at a time and run a dense GEMM on it, so long prompts cost what a dense model's
+do. In memory the int4 weight is held in the CPU kernel's own packed layout (which depends on the CPU's vector
+width); :func:`int4_unpack` recovers the portable form from it, so saving writes the checkpoint form above.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCHEMES = ("int8", "int4")
+INT4_GROUP = 32
+"""Input columns per int4 scale/zero pair: llama.cpp's Q4_0 block size; 5 bits per weight with bf16 scales."""
+
+FUSED_ROWS = 4
+"""Calls with at most this many rows use the fused weight-only kernels; larger ones dequantise tiles."""
+
+TILE_BYTES = 16 * 2**20
+"""Dequantised tile size for many-row calls: small enough to stay in cache while the GEMM reads it."""
+
+
+def check_scheme(quantize: str | None) -> str | None:
+    """``quantize`` itself if it names a scheme (or is None); else a ``ValueError`` that lists the schemes."""
+    if quantize is None or quantize in SCHEMES:
+        return quantize
+    raise ValueError(f"quantize must be one of {', '.join(map(repr, SCHEMES))} or None, got {quantize!r}")
+
+
+def quantized_linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of the decoder's linear layers that a scheme quantises: attention and MLP projections of
+    every block, and the lm_head unless it is tied to the embedding table (then the table serves both)."""
+    names = [f"llm.{name}" for name, m in model.llm.layers.named_modules(prefix="layers") if isinstance(m, nn.Linear)]
+    if isinstance(model.llm.lm_head, nn.Linear):
+        names.append("llm.lm_head")
+    return names
+
+
+# --- quantise / dequantise ---------------------------------------------------------------------------------------
+
+
+def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, K]`` floats -> (int8 codes ``[N, K]``, scales ``[N]`` in ``scale_dtype``).
+
+    The codes are computed against the scales as they will be stored (rounded to ``scale_dtype``), so the
+    dequantised weight is the nearest the stored scale allows."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127).to(scale_dtype)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero row: any scale, codes 0
+    codes = (w / scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (codes.to(dtype) * scale.to(dtype)[:, None]).to(dtype)
+
+
+def quantize_int4(
+    weight: torch.Tensor, scale_dtype: torch.dtype, group: int = INT4_GROUP
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, K]`` floats -> (codes 0..15 as uint8 ``[N, K]``, ``scales_and_zeros`` ``[K/group, N, 2]``).
+
+    Each group's [min, max] maps onto codes 0..15; scale and zero are rounded to ``scale_dtype`` before the codes
+    are computed against them."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group, group)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scale = ((high - low) / 15).to(scale_dtype)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # a constant group: code 8 is exact
+    zero = torch.where(high == low, low, low + 8 * scale.float()).to(scale_dtype)
+    codes = ((w - zero.float()[..., None]) / scale.float()[..., None] + 8).round_().clamp_(0, 15)
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    return codes.to(torch.uint8).reshape(n, k), scales_and_zeros
+
+
+def dequantize_int4(
+    codes: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype, group: int = INT4_GROUP
+) -> torch.Tensor:
+    """Codes ``[N, K]`` and ``scales_and_zeros`` ``[K/group, N, 2]`` -> ``[N, K]`` in ``dtype``."""
+    n, k = codes.shape
+    scale, zero = scales_and_zeros.to(dtype).transpose(0, 1).unbind(-1)
+    w = (codes.to(dtype).reshape(n, k // group, group) - 8) * scale[..., None] + zero[..., None]
+    return w.reshape(n, k)
+
+
+def nibbles_to_bytes(codes: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 ``[N, K]`` -> the checkpoint's uint8 ``[N, K/2]`` (even column in the low nibble)."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def bytes_to_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The checkpoint's uint8 ``[N, K/2]`` -> codes 0..15 ``[N, K]``."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+# --- the int4 kernels' packed layouts ------------------------------------------------------------------------------
+
+_PACK_ROWS = 256
+"""Rows packed per call: a multiple of every layout's row block (8 on CUDA, 32 with AVX2, 64 with AVX-512), so
+the blocks of a longer weight pack exactly as they would inside it."""
+
+
+def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 ``[R, K]`` -> the int4 kernel's packed weight on their device."""
+    if codes.device.type == "cpu":
+        return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+    # The CUDA packer takes two codes per byte, the even column in the high nibble.
+    return torch._convert_weight_to_int4pack((codes[:, 0::2] << 4) | codes[:, 1::2], 8)
+
+
+@functools.lru_cache(maxsize=8)
+def _layout(device: torch.device, rows: int, cols: int) -> torch.Tensor:
+    """For a ``[rows, cols]`` block: which nibble of its packed form (low nibble of each byte first, bytes in
+    memory order) holds each code, as int32 indices in row-major code order.
+
+    Learned from the kernel's own packer (pack the base-16 digits of every code's index, read them back), so it
+    follows whatever layout this build and device use."""
+    index = torch.arange(rows * cols, device=device)
+    source = torch.zeros(rows * cols, dtype=torch.int64, device=device)  # nibble -> code index
+    digit = 0
+    while (rows * cols - 1) >> (4 * digit):
+        packed = _pack_codes(((index >> (4 * digit)) & 15).to(torch.uint8).reshape(rows, cols))
+        source |= _nibbles(packed).long() << (4 * digit)
+        digit += 1
+    where = torch.empty(rows * cols, dtype=torch.int32, device=device)
+    where[source] = torch.arange(rows * cols, dtype=torch.int32, device=device)
+    return where
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """All nibbles of a packed tensor in memory order, low nibble of each byte first."""
+    flat = packed.contiguous().view(torch.uint8).reshape(1, -1)
+    return bytes_to_nibbles(flat).reshape(-1)
+
+
+def int4_pack(codes: Callable[[int, int], torch.Tensor], rows: int) -> torch.Tensor:
+    """The int4 kernel's packed weight of a ``rows``-row weight, whose codes ``codes(start, stop)`` gives a block of
+    rows at a time (so no full-size temporary is made)."""
+    blocks = [_pack_codes(codes(a, min(a + _PACK_ROWS, rows))) for a in range(0, rows, _PACK_ROWS)]
+    return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+
+
+def int4_codes(packed: torch.Tensor, rows: int, start: int, stop: int) -> torch.Tensor:
+    """Codes ``[stop - start, K]`` of rows ``start:stop`` (``start`` a multiple of ``_PACK_ROWS``) of a packed
+    weight of ``rows`` rows."""
+    per_row = packed.numel() // rows  # packed elements per weight row, whatever the layout's shape
+    flat = packed.reshape(-1)
+    parts = []
+    for a in range(start, stop, _PACK_ROWS):
+        b = min(a + _PACK_ROWS, stop)
+        nibbles = _nibbles(flat[a * per_row : b * per_row])
+        cols = nibbles.numel() // (b - a)
+        parts.append(nibbles.index_select(0, _layout(packed.device, b - a, cols)).reshape(b - a, cols))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+# --- layers -----------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype a many-row product runs in: ``dtype``, except bf16/fp16 on a CPU without their matrix
+    instructions (no oneDNN support, e.g. AVX2 only), where torch's fallback GEMM is several times slower than
+    fp32 (bf16 512x4096 @ 4096x11008: 5.6x slower on a Zen 3); there the weight tile is upcast instead."""
+    if device_type != "cpu":
+        return dtype
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.float32
+    if dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        return torch.float32
+    return dtype
+
+
+def tiled_linear(
+    x: torch.Tensor, out_features: int, dequantize: Callable[[int, int, torch.dtype], torch.Tensor]
+) -> torch.Tensor:
+    """``x @ W.T`` for ``x`` ``[M, K]``, with ``W`` dequantised ``_PACK_ROWS``-aligned tiles of output rows at a
+    time (``dequantize(start, stop, dtype)`` -> rows ``start:stop``) so no full-precision copy is ever held."""
+    dtype = gemm_dtype(x.dtype, x.device.type)
+    xc = x.to(dtype)
+    rows = max(_PACK_ROWS, TILE_BYTES // (x.shape[1] * dtype.itemsize) // _PACK_ROWS * _PACK_ROWS)
+    if rows >= out_features:
+        return (xc @ dequantize(0, out_features, dtype).t()).to(x.dtype)
+    out = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
+    for a in range(0, out_features, rows):
+        b = min(a + rows, out_features)
+        out[:, a:b] = xc @ dequantize(a, b, dtype).t()
+    return out
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` with int8 weights and one scale per output row (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        frozen = functools.partial(nn.Parameter, requires_grad=False)
+        self.weight = frozen(torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.weight_scale = frozen(torch.empty(out_features, dtype=dtype, device=device))
+        self.bias = frozen(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        weight = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype, weight.device)
+        codes, scale = quantize_int8(weight, weight.dtype)
+        layer.weight.data, layer.weight_scale.data = codes, scale
+        if linear.bias is not None:
+            layer.bias.data = linear.bias.detach().clone()
+        return layer
+
+    def dequantize(self, start: int = 0, stop: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of the weight in ``dtype`` (default: the scales' dtype)."""
+        rows = slice(start, stop)
+        return dequantize_int8(self.weight[rows], self.weight_scale[rows], dtype or self.weight_scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= FUSED_ROWS and x.device.type == "cpu":
+            y = torch._weight_int8pack_mm(x2, self.weight, self.weight_scale.to(x.dtype))
+        else:
+            y = tiled_linear(x2, self.out_features, self.dequantize)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int4Linear(nn.Module):
+    """``nn.Linear`` with 4-bit weights in groups of ``group`` input columns (see the module docstring).
+
+    ``weight`` holds the int4 kernel's packed layout for this device (not the checkpoint's); :meth:`portable`
+    gives the checkpoint form."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None, group: int = INT4_GROUP
+    ) -> None:
+        super().__init__()
+        if in_features % group or out_features % 16:
+            raise ValueError(
+                f"int4 needs in_features divisible by {group} and out_features by 16, got a "
+                f"{in_features} -> {out_features} linear layer; quantize this model with 'int8'"
+            )
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+        frozen = functools.partial(nn.Parameter, requires_grad=False)
+        self.weight = frozen(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.scales_and_zeros = frozen(torch.empty(in_features // group, out_features, 2, dtype=dtype, device=device))
+        self.bias = frozen(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: int = INT4_GROUP) -> Int4Linear:
+        weight = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype, weight.device, group)
+        codes, scales_and_zeros = quantize_int4(weight, weight.dtype, group)
+        layer.weight.data = int4_pack(lambda a, b: codes[a:b], codes.shape[0])
+        layer.scales_and_zeros.data = scales_and_zeros
+        if linear.bias is not None:
+            layer.bias.data = linear.bias.detach().clone()
+        return layer
+
+    def portable(self) -> torch.Tensor:
+        """The weight in the checkpoint's form: uint8 ``[N, K/2]``, even column in the low nibble."""
+        return nibbles_to_bytes(int4_codes(self.weight, self.out_features, 0, self.out_features))
+
+    def dequantize(self, start: int = 0, stop: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` (``start`` a multiple of 256) of the weight in ``dtype`` (default: the scales')."""
+        stop = self.out_features if stop is None else stop
+        codes = int4_codes(self.weight, self.out_features, start, stop)
+        return dequantize_int4(
+            codes, self.scales_and_zeros[:, start:stop], dtype or self.scales_and_zeros.dtype, self.group
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        scales_and_zeros = self.scales_and_zeros.to(x.dtype)
+        if x.device.type != "cpu":
+            y = torch._weight_int4pack_mm(x2, self.weight, self.group, scales_and_zeros)
+        elif x2.shape[0] <= FUSED_ROWS:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group, scales_and_zeros)
+        else:
+            y = tiled_linear(x2, self.out_features, self.dequantize)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"group={self.group}"
+        )
+
+
+LAYERS = {"int8": Int8Linear, "int4": Int4Linear}
+
+
+def quantize_model(model: nn.Module, quantize: str) -> nn.Module:
+    """Replace the decoder's linear layers of a loaded model (see :func:`quantized_linear_names`) with quantised
+    ones, one layer at a time, in place; returns ``model``."""
+    layer_type = LAYERS[check_scheme(quantize)]
+    for name in quantized_linear_names(model):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, layer_type.from_linear(getattr(owner, child)))
+    return model
