@@ -15,7 +15,8 @@ so that machine noise hits both alike. Timing comes from per-token timestamps: a
 - chat turn 2: TTFT of a second turn reusing turn one's KV cache (only the new tokens are prefilled, the image
   is not encoded again) against recomputing the whole conversation;
 - with ``--compile``, ``generate(..., compile=True)`` against the eager step: steady-state decode tok/s after
-  warm-up (alternating), and the compile time of the first call.
+  warm-up (alternating), and the compile time of the first call;
+- with ``--llamacpp [ROUNDS]``, instead: the 7B decoder slice beside llama.cpp (``benchmarks/llamacpp.py``).
 
 This is a benchmark, never a test: the numbers depend on the machine and on whatever else runs on it (the load
 average is printed before and after).
@@ -285,7 +286,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--runs", type=int, help="timed runs per side and measurement (default: per shape)")
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step")
+    parser.add_argument(
+        "--llamacpp",
+        type=int,
+        nargs="?",
+        const=5,
+        metavar="ROUNDS",
+        help="instead: the 7B decoder slice beside llama.cpp (F32, BF16, Q8_0, Q4_0), minillava (fp32, bf16, int8, "
+        "int4) and transformers, ROUNDS alternating rounds (default 5); see benchmarks/llamacpp.py",
+    )
     args = parser.parse_args(argv)
+    if args.llamacpp:
+        from llamacpp import run
+
+        run(LLAMA_7B_2_LAYERS, TINY_VISION, 32000, args.threads, args.llamacpp, args.compile)
+        return 0
     torch.set_num_threads(args.threads)
     bandwidth = memory_bandwidth()
     print(

@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="CLIP checkpoint directory for original LLaVA weights without a tower (e.g. clip-vit-large-patch14-336)",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating weights (default: keep the source's)")
+    parser.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help="write the decoder's linear layers as int8 (per-row scales) or int4 (groups of 32) weights",
+    )
     parser.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE, help="largest output shard (default 2GB)")
     parser.add_argument(
         "--pad-vocab",
@@ -89,13 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.to == "hf":
             if args.vision_tower is not None:
                 raise ValueError("--vision-tower is for converting original LLaVA checkpoints, not for --to hf")
+            if args.quantize is not None:
+                raise ValueError("--quantize writes minillava checkpoints; llava-hf export needs full precision")
             export_hf(args.src, args.dst, dtype, max_shard_bytes, args.force, args.pad_vocab, progress)
             origin = "minillava"
         else:
             if args.pad_vocab:
                 raise ValueError("--pad-vocab only applies to --to hf")
             source = detect(args.src, vision_tower=args.vision_tower)
-            convert(source, args.dst, dtype, max_shard_bytes, args.force, progress)
+            convert(source, args.dst, dtype, max_shard_bytes, args.force, progress, args.quantize)
             origin = source.name
     except (OSError, ValueError, KeyError) as err:
         if args.verbose:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 from safetensors import SafetensorError, safe_open
 
+from minillava import quant
 from minillava.checkpoint import (
     DEFAULT_SHARD_BYTES,
     SAFETENSORS_DTYPES,
@@ -32,7 +33,9 @@ from minillava.checkpoint import (
     atomic_directory,
     build_empty,
     cast,
+    load_quantized,
     load_state,
+    quantized_state,
     safetensors_files,
 )
 from minillava.config import LlavaConfig
@@ -364,6 +367,7 @@ def convert(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     force: bool = False,
     progress: ProgressFn | None = None,
+    quantize: str | None = None,
 ) -> LlavaConfig:
     """Write ``source`` to ``dst`` in the minillava layout, atomically, one source file in memory at a time.
 
@@ -375,12 +379,25 @@ def convert(
         max_shard_bytes: largest output shard.
         force: replace a non-empty ``dst``, only once the new checkpoint is complete.
         progress: called as ``progress(i, n, path)`` before each source file.
+        quantize: ``"int8"`` or ``"int4"``: write the decoder's linear layers quantised (see
+            :mod:`minillava.quant`); such a checkpoint loads without quantising again.
     """
     config = source.config()
     files = plan(source, config)
-    entries = [
-        (p.ours, p.meta.shape, out_dtype(p.meta.dtype, p.target(dtype))) for _, planned in files for p in planned
-    ]
+    scheme = quant.resolve_scheme(config, quantize, str(source.directory))
+    model = build_empty(config, scheme)
+    # Weights to quantise now: a quantised source's are copied as they are.
+    weights = set()
+    if scheme is not None and not config.quantization:
+        weights = {f"{name}.weight" for name in quant.quantized_linear_names(model)}
+    entries = []
+    for _, planned in files:
+        for p in planned:
+            dtype_out = out_dtype(p.meta.dtype, p.target(dtype))
+            if p.ours in weights:
+                entries += quant.planned_entries(p.ours, p.meta.shape, dtype_out, scheme)
+            else:
+                entries.append((p.ours, p.meta.shape, dtype_out))
     with atomic_directory(dst, force=force) as tmp:
         writer = ShardWriter(tmp, entries, max_shard_bytes)
         for i, (path, planned) in enumerate(files):
@@ -388,23 +405,46 @@ def convert(
                 progress(i, len(files), path)
             with open_tensors(path) as get:
                 for p in planned:
-                    writer.write(p.ours, cast(get(p.theirs), p.target(dtype)))
+                    tensor = get(p.theirs)
+                    if p.ours in weights:
+                        scale_dtype = out_dtype(p.meta.dtype, p.target(dtype))
+                        rows = lambda a, b, t=tensor: t[a:b]  # noqa: E731
+                        codes, scales = quant.quantize_weight(p.ours, rows, p.meta.shape, scheme, scale_dtype)
+                        writer.write(p.ours, codes)
+                        writer.write(quant.scale_name(p.ours, scheme), scales)
+                    else:
+                        writer.write(p.ours, cast(tensor, p.target(dtype)))
         if progress:
             progress(len(files), len(files), files[-1][0])
         writer.close()
-        config.save(tmp)
+        model.config.save(tmp)
         for extra in source.carried_files():
             shutil.copy2(extra, tmp / extra.name)
     return config
 
 
-def load_source(source: Source, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Llava:
-    """Build a ``Llava`` straight from an unconverted checkpoint: the same plan, no copy on disk."""
+def load_source(
+    source: Source, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", quantize: str | None = None
+) -> Llava:
+    """Build a ``Llava`` straight from an unconverted checkpoint: the same plan, no copy on disk (``quantize``: the
+    decoder's linear layers quantised as they are read)."""
     config = source.config()
-    model = build_empty(config)
-    state = {}
-    for path, planned in plan(source, config):
-        with open_tensors(path, mapped=True) as get:
-            for p in planned:
-                state[p.ours] = cast(get(p.theirs), p.target(dtype)).to(device)
-    return load_state(model, state, str(source.directory), device)
+    files = plan(source, config)
+    model = build_empty(config, quantize)
+    if quantize is None:
+        state = {}
+        for path, planned in files:
+            with open_tensors(path, mapped=True) as get:
+                for p in planned:
+                    state[p.ours] = cast(get(p.theirs), p.target(dtype)).to(device)
+        return load_state(model, state, str(source.directory), device)
+
+    def stored():
+        for path, planned in files:
+            with open_tensors(path, mapped=True) as get:
+                for p in planned:
+                    tensor = cast(get(p.theirs), p.target(dtype))
+                    yield p.ours, p.meta, lambda a, b, t=tensor: t[a:b] if t.dim() else t
+
+    state = quantized_state(stored(), model, quantize, True, dtype, device)
+    return load_quantized(model, state, str(source.directory), device)

@@ -197,6 +197,10 @@ def export_hf(
     """
     src = Path(src)
     config = LlavaConfig.load(src)
+    if config.quantization:
+        raise ConversionError(
+            f"{src} holds {config.quantization['scheme']} weights; llava-hf export needs a full-precision checkpoint"
+        )
     vocab = padded_vocab(config, pad_vocab)
     metas = [(path, read_meta(path)) for path in safetensors_files(src)]
     expected = {k: v.shape for k, v in build_empty(config).state_dict().items()}

@@ -12,7 +12,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from . import quant
 from .config import LlavaConfig
 from .model import Llava
 
@@ -90,6 +91,55 @@ def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]
             raise OSError(f"{path}: cannot read safetensors file ({err}); is it truncated?") from None
 
 
+def iter_stored(files: Iterable[Path]) -> Iterator[tuple[str, TensorMeta, Callable[[int, int], torch.Tensor]]]:
+    """Yield ``(name, meta, read)`` for the tensors of safetensors files, where ``read(start, stop)`` reads rows
+    ``start:stop`` into fresh memory (``read(0, 0)`` a 0-dim tensor whole). Unlike a memory map, nothing read
+    stays resident once the caller drops it, so a weight can be quantised a block of rows at a time."""
+    from weights_convert.convert import safetensors_header
+
+    for path in files:
+        entries = safetensors_header(path)
+        with open(path, "rb") as f:
+            for name, (meta, offset) in entries.items():
+
+                def read(start: int, stop: int, meta=meta, offset=offset, name=name, path=path) -> torch.Tensor:
+                    if not meta.shape:
+                        start, stop, row_bytes, shape = 0, 1, meta.nbytes, ()
+                    else:
+                        row_bytes = meta.nbytes // max(meta.shape[0], 1)
+                        shape = (stop - start, *meta.shape[1:])
+                    buffer = bytearray((stop - start) * row_bytes)
+                    f.seek(offset + start * row_bytes)
+                    if f.readinto(buffer) != len(buffer):
+                        raise OSError(f"{path}: tensor {name} is cut short; is the file truncated?")
+                    if not buffer:
+                        return torch.empty(shape, dtype=meta.dtype)
+                    return torch.frombuffer(buffer, dtype=meta.dtype).reshape(shape)
+
+                yield name, meta, read
+
+
+def quantized_state(
+    stored: Iterable[tuple[str, TensorMeta, Callable[[int, int], torch.Tensor]]],
+    model: Llava,
+    quantize: str,
+    requantize: bool,
+    dtype: torch.dtype | None,
+    device,
+) -> dict[str, torch.Tensor]:
+    """The state of a model being loaded with ``quantize``: the decoder's linear weights quantised block by block
+    as they are read (when ``requantize``; a quantised checkpoint's are taken as stored), everything else cast."""
+    weights = {f"{name}.weight" for name in quant.quantized_linear_names(model)}
+    state = {}
+    for name, meta, read in stored:
+        if requantize and name in weights:
+            codes, scales = quant.quantize_weight(name, read, meta.shape, quantize, dtype or meta.dtype)
+            state[name], state[quant.scale_name(name, quantize)] = codes.to(device), scales.to(device)
+        else:
+            state[name] = cast(read(0, meta.shape[0] if meta.shape else 0), dtype).to(device)
+    return state
+
+
 def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """Cast floating tensors to ``dtype``; integer buffers and ``None`` keep theirs."""
     if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
@@ -115,10 +165,15 @@ def check_state(expected: dict[str, torch.Size], found: dict[str, torch.Size], w
         raise CheckpointError(f"{where}: " + "; ".join(problems) + (f". {hint}" if hint else ""))
 
 
-def build_empty(config: LlavaConfig) -> Llava:
-    """A ``Llava`` with parameters on the meta device: shapes only, no memory."""
+def build_empty(config: LlavaConfig, quantize: str | None = None) -> Llava:
+    """A ``Llava`` with parameters on the meta device: shapes only, no memory. Its decoder's linear layers are
+    quantised ones when the config records a scheme (or ``quantize`` names one)."""
     with torch.device("meta"):
-        return Llava(config)
+        model = Llava(config)
+    scheme = quant.resolve_scheme(config, quantize, "the config")
+    if scheme is not None:
+        quant.prepare(model, scheme)
+    return model
 
 
 def load_state(model: Llava, state: dict[str, torch.Tensor], where: str, device=None) -> Llava:
@@ -163,6 +218,7 @@ def load(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     vision_tower: str | os.PathLike | None = None,
+    quantize: str | None = None,
 ) -> Llava:
     """Load a checkpoint directory: minillava, or an unconverted llava-hf or original LLaVA one.
 
@@ -176,19 +232,36 @@ def load(
         device: where the weights go.
         vision_tower: for an original LLaVA directory whose weights lack the vision tower, the CLIP checkpoint
             directory to take it from.
+        quantize: ``"int8"`` or ``"int4"``: quantise the decoder's linear layers while loading (weight-only; see
+            :mod:`minillava.quant`), a block of rows at a time, so memory never holds them in full precision. A
+            checkpoint written quantised (``python -m weights_convert --quantize``) loads as it is.
     """
+    quant.check_scheme(quantize)
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory")
     if not is_minillava_dir(path):
         from weights_convert.convert import load_source
 
-        return load_source(_unconverted_source(path, vision_tower), dtype, device)
+        return load_source(_unconverted_source(path, vision_tower), dtype, device, quantize)
     config = load_config(path, vision_tower)
-    model = build_empty(config)
+    scheme = quant.resolve_scheme(config, quantize, str(path))
+    model = build_empty(config, scheme)
     files = safetensors_files(path)
-    state = {name: cast(t, dtype).to(device) for name, t in iter_safetensors(files)}
-    return load_state(model, state, str(path), device)
+    if scheme is None:
+        state = {name: cast(t, dtype).to(device) for name, t in iter_safetensors(files)}
+        return load_state(model, state, str(path), device)
+    state = quantized_state(iter_stored(files), model, scheme, config.quantization is None, dtype, device)
+    return load_quantized(model, state, str(path), device)
+
+
+def load_quantized(model: Llava, state: dict[str, torch.Tensor], where: str, device=None) -> Llava:
+    """:func:`load_state` for a model :func:`minillava.quant.prepare` made; int4 weights end in the kernel's
+    layout."""
+    load_state(model, state, where, device)
+    state.clear()  # the int4 weights' checkpoint form goes as each is repacked
+    quant.finish_load(model)
+    return model
 
 
 class ShardWriter:
@@ -321,7 +394,7 @@ def save(
     """
     with atomic_directory(path, force=force) as tmp:
         model.config.save(tmp)
-        state = {name: cast(tensor.detach(), dtype) for name, tensor in model.state_dict().items()}
+        state = {name: cast(tensor.detach(), dtype) for name, tensor in quant.checkpoint_tensors(model).items()}
         write_state(tmp, state, max_shard_bytes)
         for extra in extra_files:
             shutil.copy2(extra, tmp / Path(extra).name)

@@ -11,6 +11,7 @@ Errors are one line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -80,6 +81,11 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only")
     p.add_argument("--seed", type=int, metavar="S", help="seed for sampling (same seed, same answer)")
     p.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: as stored; bfloat16 halves fp32 memory)")
+    p.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help="quantise the decoder's linear layers while loading: int8 halves bf16 weight bytes, int4 quarters them",
+    )
     p.add_argument(
         "--compile",
         action="store_true",
@@ -155,7 +161,13 @@ def _pipeline(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return Pipeline(_model_dir(args.model), dtype=_dtype(args.dtype), template=args.template, compile=args.compile)
+    return Pipeline(
+        _model_dir(args.model),
+        dtype=_dtype(args.dtype),
+        template=args.template,
+        compile=args.compile,
+        quantize=args.quantize,
+    )
 
 
 def _gen_kwargs(args: argparse.Namespace) -> dict:
@@ -271,12 +283,20 @@ def describe_checkpoint(path: Path) -> dict:
                 parts[part] = parts.get(part, 0) + n
                 dtype = dtype_names.get(tensor.get_dtype(), tensor.get_dtype())
                 dtypes[dtype] = dtypes.get(dtype, 0) + n
+    quantization = config.quantization
+    if quantization:
+        # Parameters as the full-precision model counts them (not bytes of codes, nor the scales).
+        from .checkpoint import build_empty
+
+        full = build_empty(dataclasses.replace(config, quantization=None)).state_dict()
+        parts = {part: sum(v.numel() for k, v in full.items() if k.startswith(f"{part}.")) for part in parts}
     t, v = config.text, config.vision
     return {
         "path": str(path),
         "layout": config.source_layout or "minillava",
         "parameters": {**parts, "total": sum(parts.values())},
         "dtype": ", ".join(sorted(dtypes, key=dtypes.get, reverse=True)),
+        "quantization": quantization,
         "decoder": f"{t.num_layers} layers, hidden {t.hidden_size}, {t.num_heads} heads ({t.num_kv_heads} kv), "
         f"head_dim {t.head_dim}, mlp {t.intermediate_size}, vocabulary {t.vocab_size}",
         "vision": f"CLIP {v.num_layers} layers, hidden {v.hidden_size}, patch {v.patch_size}; feature layer "
@@ -291,6 +311,13 @@ def describe_checkpoint(path: Path) -> dict:
     }
 
 
+def _quantization(info: dict | None) -> str:
+    if not info:
+        return "no"
+    group = f", groups of {info['group']} columns" if "group" in info else ", one scale per row"
+    return f"{info['scheme']} weights in the decoder's linear layers{group}"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     info = describe_checkpoint(_model_dir(args.model))
     if args.json:
@@ -301,6 +328,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("checkpoint", info["path"]),
         ("layout", info["layout"]),
         ("dtype", info["dtype"]),
+        ("quantized", _quantization(info["quantization"])),
         ("parameters", f"{params['total']:,} total"),
         *((f"  {part}", f"{n:,}") for part, n in params.items() if part != "total"),
         ("decoder", info["decoder"]),

@@ -128,6 +128,7 @@ class LlavaConfig:
     chat_template: str | None = None
     generation: dict[str, Any] = field(default_factory=dict)
     source_layout: str | None = None
+    quantization: dict[str, Any] | None = None  # {"scheme": "int8"} or {"scheme": "int4", "group": 32}
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):

@@ -119,6 +119,8 @@ class Pipeline:
         generation: default generation settings; unset fields take the checkpoint's (``config.json``'s
             ``generation``), then :class:`~minillava.generate.GenerationConfig`'s.
         compile: decode through a ``torch.compile``'d step (see :func:`minillava.generate.generate`).
+        quantize: ``"int8"`` or ``"int4"``: the decoder's linear layers quantised while loading (see
+            :func:`minillava.load`).
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class Pipeline:
         image_mode: str | None = None,
         generation: GenerationConfig | None = None,
         compile: bool = False,
+        quantize: str | None = None,
     ) -> None:
         if path is None:
             if not (BUNDLED_MODEL / "config.json").is_file():
@@ -138,7 +141,7 @@ class Pipeline:
         self.path = Path(path)
         self.processor = load_processor(self.path, image_mode=image_mode)
         self.template = get_template(template) if template is not None else self.processor.template
-        self.model = load(self.path, dtype=dtype, device=device)
+        self.model = load(self.path, dtype=dtype, device=device, quantize=quantize)
         defaults = {k: v for k, v in self.model.config.generation.items() if k in _SETTINGS}
         self.generation = GenerationConfig(**defaults) if generation is None else generation
         self.compile = compile

@@ -11,7 +11,7 @@ Schemes, and their checkpoint form (the names a ``state_dict`` and a quantised c
 - ``int4``: groups of :data:`INT4_GROUP` consecutive input columns, asymmetric:
   ``w ~ (q - 8) * scale + zero`` with ``q`` in 0..15 (``zero`` is the value of the middle code; the form torch's
   int4 kernels take). ``weight`` uint8 ``[N, K/2]`` with column ``2j`` in the low nibble of byte ``j`` and
-  ``2j+1`` in the high one; ``scales_and_zeros`` ``[K/G, N, 2]``.
+  ``2j+1`` in the high one; ``scales_and_zeros`` ``[K/G, N, 2]``. The lm_head stays int8 (:func:`layer_scheme`).
 
 A call with at most :data:`FUSED_ROWS` rows (decode) runs torch's fused weight-only kernel; more rows (prefill)
 dequantise a tile of output rows at a time and run a dense GEMM on it, so long prompts cost what a dense model's
@@ -21,11 +21,11 @@ width); :func:`int4_unpack` recovers the portable form from it, so saving writes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 SCHEMES = ("int8", "int4")
@@ -46,11 +46,18 @@ def check_scheme(quantize: str | None) -> str | None:
     raise ValueError(f"quantize must be one of {', '.join(map(repr, SCHEMES))} or None, got {quantize!r}")
 
 
+def layer_scheme(name: str, quantize: str) -> str:
+    """The scheme of the layer ``name``: int4 keeps the lm_head at int8, as llama.cpp's 4-bit files keep their
+    output matrix at 6 bits (4-bit logits lose far more than 4-bit hidden layers; the head is ~2% of a 7B)."""
+    return "int8" if quantize == "int4" and name == "llm.lm_head" else quantize
+
+
 def quantized_linear_names(model: nn.Module) -> list[str]:
     """Qualified names of the decoder's linear layers that a scheme quantises: attention and MLP projections of
     every block, and the lm_head unless it is tied to the embedding table (then the table serves both)."""
-    names = [f"llm.{name}" for name, m in model.llm.layers.named_modules(prefix="layers") if isinstance(m, nn.Linear)]
-    if isinstance(model.llm.lm_head, nn.Linear):
+    kinds = (nn.Linear, Int8Linear, Int4Linear)
+    names = [f"llm.{name}" for name, m in model.llm.layers.named_modules(prefix="layers") if isinstance(m, kinds)]
+    if isinstance(model.llm.lm_head, kinds):
         names.append("llm.lm_head")
     return names
 
@@ -176,7 +183,7 @@ def int4_codes(packed: torch.Tensor, rows: int, start: int, stop: int) -> torch.
 # --- layers -----------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gemm_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     """The dtype a many-row product runs in: ``dtype``, except bf16/fp16 on a CPU without their matrix
     instructions (no oneDNN support, e.g. AVX2 only), where torch's fallback GEMM is several times slower than
@@ -271,7 +278,8 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: int = INT4_GROUP) -> Int4Linear:
         weight = linear.weight.detach()
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype, weight.device, group)
+        bias = linear.bias is not None
+        layer = cls(linear.in_features, linear.out_features, bias, weight.dtype, weight.device, group)
         codes, scales_and_zeros = quantize_int4(weight, weight.dtype, group)
         layer.weight.data = int4_pack(lambda a, b: codes[a:b], codes.shape[0])
         layer.scales_and_zeros.data = scales_and_zeros
@@ -314,12 +322,125 @@ class Int4Linear(nn.Module):
 LAYERS = {"int8": Int8Linear, "int4": Int4Linear}
 
 
+def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, layer)
+
+
+def _record(model: nn.Module, quantize: str) -> None:
+    info = {"scheme": quantize, **({"group": INT4_GROUP} if quantize == "int4" else {})}
+    model.config = dataclasses.replace(model.config, quantization=info)
+
+
 def quantize_model(model: nn.Module, quantize: str) -> nn.Module:
     """Replace the decoder's linear layers of a loaded model (see :func:`quantized_linear_names`) with quantised
-    ones, one layer at a time, in place; returns ``model``."""
-    layer_type = LAYERS[check_scheme(quantize)]
+    ones, one layer at a time, in place; returns ``model``. To quantise while loading (never holding the full
+    precision model), pass ``quantize=`` to :func:`minillava.load` instead."""
+    if getattr(model.config, "quantization", None):
+        raise ValueError(f"the model is already quantised ({model.config.quantization['scheme']})")
+    check_scheme(quantize)
     for name in quantized_linear_names(model):
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        setattr(owner, child, layer_type.from_linear(getattr(owner, child)))
+        _replace(model, name, LAYERS[layer_scheme(name, quantize)].from_linear(model.get_submodule(name)))
+    _record(model, quantize)
     return model
+
+
+# --- loading and saving --------------------------------------------------------------------------------------------
+
+RowReader = Callable[[int, int], torch.Tensor]
+"""Rows ``start:stop`` of a stored tensor, read on demand (so a large weight is never held whole)."""
+
+QUANTIZE_ROWS = 256
+"""Rows of a float weight read and quantised at a time while loading or converting."""
+
+
+def stored_scheme(config, where: str) -> str | None:
+    """The scheme a checkpoint's config records (None for full precision), checked."""
+    info = config.quantization
+    if info is None:
+        return None
+    scheme = info.get("scheme") if isinstance(info, dict) else None
+    if scheme not in SCHEMES or (scheme == "int4" and info.get("group") != INT4_GROUP):
+        raise ValueError(f"{where}: unsupported quantization {info!r}; this minillava reads int8 and int4 (group 32)")
+    return scheme
+
+
+def resolve_scheme(config, quantize: str | None, where: str) -> str | None:
+    """The scheme a load ends with: the checkpoint's own, or ``quantize`` for a full-precision one. Asking for
+    another scheme than a quantised checkpoint holds is an error (quantising twice only loses accuracy)."""
+    quantize = check_scheme(quantize)
+    stored = stored_scheme(config, where)
+    if stored is not None and quantize not in (None, stored):
+        raise ValueError(
+            f"{where} is already quantised as {stored}; it cannot be quantised again as {quantize}. Load it as it is "
+            f"(quantize=None or {stored!r}), or quantise its full-precision source"
+        )
+    return stored or quantize
+
+
+def prepare(model: nn.Module, quantize: str) -> None:
+    """Swap the decoder's linear layers of a meta-device model for empty quantised ones (shapes only)."""
+    for name in quantized_linear_names(model):
+        linear = model.get_submodule(name)
+        layer_type = LAYERS[layer_scheme(name, quantize)]
+        with torch.device("meta"):
+            _replace(model, name, layer_type(linear.in_features, linear.out_features, linear.bias is not None, None))
+    _record(model, quantize)
+
+
+def scale_name(weight_name: str, quantize: str) -> str:
+    """The name of the scales that go with a quantised weight ``<layer>.weight``."""
+    layer = weight_name.removesuffix(".weight")
+    return f"{layer}.weight_scale" if layer_scheme(layer, quantize) == "int8" else f"{layer}.scales_and_zeros"
+
+
+def planned_entries(
+    name: str, shape: tuple[int, ...], scale_dtype: torch.dtype, quantize: str
+) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """The checkpoint entries a full-precision linear weight ``name`` becomes: ``(name, shape, dtype)``."""
+    n, k = shape
+    if layer_scheme(name.removesuffix(".weight"), quantize) == "int8":
+        return [(name, (n, k), torch.int8), (scale_name(name, quantize), (n,), scale_dtype)]
+    return [(name, (n, k // 2), torch.uint8), (scale_name(name, quantize), (k // INT4_GROUP, n, 2), scale_dtype)]
+
+
+def quantize_weight(
+    name: str, read: RowReader, shape: tuple[int, ...], quantize: str, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise the stored ``[N, K]`` float weight ``name`` :data:`QUANTIZE_ROWS` rows at a time into its checkpoint
+    form: ``(int8 codes, scales)`` or ``(uint8 nibbles, scales_and_zeros)``."""
+    quantize = layer_scheme(name.removesuffix(".weight"), quantize)
+    n, k = shape
+    if quantize == "int4" and (k % INT4_GROUP or n % 16):
+        raise ValueError(f"int4 needs weights [N, K] with K divisible by {INT4_GROUP} and N by 16, got {[n, k]}")
+    if quantize == "int8":
+        codes, scales = torch.empty(n, k, dtype=torch.int8), torch.empty(n, dtype=scale_dtype)
+    else:
+        codes, scales = torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(k // INT4_GROUP, n, 2, dtype=scale_dtype)
+    for a in range(0, n, QUANTIZE_ROWS):
+        b = min(a + QUANTIZE_ROWS, n)
+        if quantize == "int8":
+            codes[a:b], scales[a:b] = quantize_int8(read(a, b), scale_dtype)
+        else:
+            block, scales[:, a:b] = quantize_int4(read(a, b), scale_dtype)
+            codes[a:b] = nibbles_to_bytes(block)
+    return codes, scales
+
+
+def finish_load(model: nn.Module) -> None:
+    """After ``load_state_dict``: put every int4 weight, loaded in the checkpoint's form, into the kernel's packed
+    layout, one layer at a time."""
+    for layer in model.modules():
+        if isinstance(layer, Int4Linear):
+            portable = layer.weight.data
+            packed = int4_pack(lambda a, b, w=portable: bytes_to_nibbles(w[a:b]), portable.shape[0])
+            layer.weight = nn.Parameter(packed, requires_grad=False)
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` in the checkpoint's form: int4 weights unpacked from the kernel's layout."""
+    state = model.state_dict()
+    for name, layer in model.named_modules():
+        if isinstance(layer, Int4Linear):
+            state[f"{name}.weight"] = layer.portable()
+    return state
