@@ -10,7 +10,8 @@ as a multiple of the checkpoint's bytes.
     .venv/bin/python benchmarks/bench_memory.py            # builds under .bench/memory, measures, deletes
     .venv/bin/python benchmarks/bench_memory.py --keep     # keep the checkpoints for another run
 
-Targets: converting <= 0.75x the checkpoint's bytes; loading (then touching every weight) <= 1.1x.
+Targets: converting <= 0.75x the checkpoint's bytes; loading (then touching every weight) <= 1.1x; quantising
+while loading <= 1.15x the quantised model's bytes.
 """
 
 from __future__ import annotations
@@ -206,10 +207,18 @@ def measure(kind: str, work: Path) -> None:
         touch(minillava.load(work / "llava-v1.5-7b-slice", vision_tower=work / "clip-vit-large-patch14-336"))
     elif kind == "transformers":
         touch(LlavaForConditionalGeneration.from_pretrained(work / "llava-hf", dtype=torch.float16))
+    elif kind.startswith("load-quantize-"):
+        model = minillava.load(work / "out-hf", dtype=torch.bfloat16, quantize=kind.removeprefix("load-quantize-"))
+        touch(model)
+        model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     else:
         raise ValueError(kind)
     seconds = time.perf_counter() - start
-    print(json.dumps({"kind": kind, "baseline_kib": baseline, "peak_kib": status_kib("VmHWM"), "seconds": seconds}))
+    peak = status_kib("VmHWM")
+    result = {"kind": kind, "baseline_kib": baseline, "peak_kib": peak, "seconds": seconds}
+    if kind.startswith("load-quantize-"):
+        result["model_bytes"] = model_bytes
+    print(json.dumps(result))
 
 
 ROWS = (
@@ -220,6 +229,9 @@ ROWS = (
     ("load-direct-hf", "hf", "minillava.load(llava-hf dir) + touch", 1.1),
     ("load-direct-original", "original", "minillava.load(original dir, vision_tower=) + touch", 1.1),
     ("transformers", "hf", "LlavaForConditionalGeneration.from_pretrained + touch", None),
+    # Quantising while loading: peak against the bytes the quantised model holds (bf16 tower, embedding, scales).
+    ("load-quantize-int8", "model", "minillava.load(converted, bf16, quantize='int8') + touch (x model)", 1.15),
+    ("load-quantize-int4", "model", "minillava.load(converted, bf16, quantize='int4') + touch (x model)", 1.15),
 )
 
 
@@ -258,7 +270,7 @@ def main() -> int:
             return 1
         data = json.loads(result.stdout.strip().splitlines()[-1])
         delta = (data["peak_kib"] - data["baseline_kib"]) * 1024
-        ratio = delta / sizes[size_key]
+        ratio = delta / (data["model_bytes"] if size_key == "model" else sizes[size_key])
         ok = "" if target is None else (f"<= {target}" if ratio <= target else f"FAIL > {target}")
         failed |= target is not None and ratio > target
         base = data["baseline_kib"] * 1024 / 1e9
