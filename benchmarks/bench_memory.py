@@ -57,7 +57,7 @@ def random_tensors(config, seed: int = 0):
     """``(minillava name, fp16 tensor)`` for every weight, drawn one at a time."""
     import torch
 
-    from minillava.checkpoint import build_empty
+    from minillava.layouts.source import build_empty
 
     gen = torch.Generator().manual_seed(seed)
     for name, meta in build_empty(config).state_dict().items():
@@ -104,7 +104,7 @@ def build(work: Path) -> dict[str, int]:
     """Write the llava-hf and the original-layout slices; return their sizes in bytes."""
     import torch
 
-    from weights_convert.keymaps import HF_V4, original_keymap
+    from minillava.layouts.keymaps import HF_V4, original_keymap
     from weights_convert.to_hf import hf_config_dict, preprocessor_dict
 
     config = slice_config()
@@ -184,7 +184,8 @@ def measure(kind: str, work: Path) -> None:
     import torch  # noqa: F401  (part of every baseline)
 
     import minillava
-    import weights_convert.convert as convert
+    from minillava.layouts import detect
+    from weights_convert.convert import convert
     from weights_convert.to_hf import export_hf
 
     if kind == "transformers":
@@ -192,10 +193,10 @@ def measure(kind: str, work: Path) -> None:
     baseline = status_kib("VmRSS")
     start = time.perf_counter()
     if kind == "convert-hf":
-        convert.convert(convert.detect(work / "llava-hf"), work / "out-hf")
+        convert(detect(work / "llava-hf"), work / "out-hf")
     elif kind == "convert-original":
-        source = convert.detect(work / "llava-v1.5-7b-slice", work / "clip-vit-large-patch14-336")
-        convert.convert(source, work / "out-original")
+        source = detect(work / "llava-v1.5-7b-slice", work / "clip-vit-large-patch14-336")
+        convert(source, work / "out-original")
     elif kind == "export-hf":
         export_hf(work / "out-hf", work / "exported")
     elif kind == "load-converted":

@@ -133,7 +133,7 @@ def test_marker_count_must_match_images(hf_dir, markers, images):
 
 def test_batch_errors(hf_dir):
     proc = load_processor(hf_dir)
-    with pytest.raises(ValueError, match="prompt 1: the prompt has 1 <image> marker\\(s\\) but 0 image"):
+    with pytest.raises(ValueError, match="prompt 1: 1 <image> marker\\(s\\) but 0 image"):
         proc(["<image> a", "<image> b"], images=[[_png(8, 8)], []])
     with pytest.raises(ValueError, match="one list of images per prompt"):
         proc(["<image> a", "b"], images=_png(8, 8))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,33 +17,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import atomic_directory, write_state
-from ..config import LlavaConfig
+from ..checkpoint import write_checkpoint
+from ..config import LlavaConfig, read_json
 from ..model import Llava
+from ..safetensors_io import atomic_directory
 from .distributed import Runtime
 
-CARRIED_FILES = (
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "generation_config.json",
-)
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_FORMAT = "minillava-trainer"
-
-
-def write_model_files(
-    directory: Path, state: dict[str, torch.Tensor], config: LlavaConfig, carried_from: Path | None
-) -> None:
-    """A minillava checkpoint: ``config.json``, safetensors weights and the tokenizer files."""
-    config.save(directory)
-    write_state(directory, state)
-    if carried_from is not None:
-        for name in CARRIED_FILES:
-            if (carried_from / name).is_file():
-                shutil.copy2(carried_from / name, directory / name)
 
 
 def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -93,7 +74,7 @@ def save_checkpoint(
     model_state, optim_state = gather_state(model, optimizer)
     if rt.main:
         with atomic_directory(directory, force=True) as tmp:
-            write_model_files(tmp, model_state, config, carried_from)
+            write_checkpoint(tmp, config, model_state, carried_from)
             tensors, groups = flatten_optimizer_state(optim_state)
             save_file(tensors, str(tmp / OPTIMIZER_NAME), metadata={"format": "pt"})
             state = {**trainer_state, "param_groups": groups}
@@ -106,7 +87,7 @@ def save_final(model: Llava, rt: Runtime, output: Path, config: LlavaConfig, car
     model_state, _ = gather_state(model, None)
     if rt.main:
         with atomic_directory(output / ".final", force=True) as tmp:
-            write_model_files(tmp, model_state, config, carried_from)
+            write_checkpoint(tmp, config, model_state, carried_from)
             for old in output.glob("model*.safetensors*"):
                 old.unlink()
             for path in tmp.iterdir():
@@ -140,7 +121,7 @@ def last_checkpoint(output: Path) -> Path | None:
 
 def read_trainer_state(directory: Path, global_batch: int) -> dict[str, Any]:
     """The trainer state of a checkpoint, checked against this run's global batch."""
-    state = json.loads((directory / STATE_NAME).read_text())
+    state = read_json(directory / STATE_NAME)
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"{directory / STATE_NAME}: not a minillava trainer state")
     if state["global_batch"] != global_batch:

@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..checkpoint import iter_safetensors, safetensors_files
 from ..config import LlavaConfig
 from ..model import IGNORE_INDEX, Llava
+from ..safetensors_io import iter_safetensors, safetensors_files
 
 
 class PeerFailed(RuntimeError):

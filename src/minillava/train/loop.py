@@ -20,11 +20,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..checkpoint import build_empty, load
+from ..checkpoint import load
 from ..config import LlavaConfig
 from ..data import Collator, LlavaDataset, group_by_length
+from ..layouts.source import build_empty
 from ..model import IGNORE_INDEX, Llava
 from ..processor import load_processor
+from ..progress import ProgressBar
 from .checkpoints import (
     STATE_FORMAT,
     find_checkpoint,
@@ -134,29 +136,6 @@ def build_optimizer(model: Llava, lr: float, weight_decay: float) -> torch.optim
 
 
 # --- the loop ---
-
-
-class Progress:
-    """One status line on stderr (rewritten in place on a terminal, one line per ``every`` steps otherwise)."""
-
-    def __init__(self, total: int, every: int, enabled: bool) -> None:
-        self.total, self.every, self.enabled = total, every, enabled
-        self.tty = sys.stderr.isatty()
-        self.start = time.monotonic()
-        self.last_width = 0
-
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
-        if not self.enabled or (not self.tty and step % self.every and step != self.total):
-            return
-        width = 24
-        done = int(width * step / self.total)
-        line = (
-            f"[{'#' * done}{'.' * (width - done)}] step {step}/{self.total} | loss {loss:.4f} | lr {lr:.3g} | "
-            f"{tokens_per_s:,.0f} tok/s | {time.monotonic() - self.start:.0f}s"
-        )
-        end = "" if self.tty and step != self.total else "\n"
-        padded, self.last_width = line.ljust(self.last_width), len(line)  # overwrite a longer previous line
-        print(("\r" if self.tty else "") + padded, end=end, file=sys.stderr, flush=True)
 
 
 def start_log(path: Path, resumed_at: int | None) -> None:
@@ -270,7 +249,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
     log_path = output / "log.jsonl"
     if rt.main:
         start_log(log_path, resumed_at=step if resume_dir is not None else None)
-    progress = Progress(total_steps, cfg.log_every, cfg.progress and rt.main)
+    progress = ProgressBar(cfg.log_every, cfg.progress and rt.main)
     autocast = torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     trainable = [p for p in model.parameters() if p.requires_grad]
     losses: list[float] = []
@@ -351,7 +330,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append(loss)
-            elapsed = time.monotonic() - started
+            tokens_per_s = tokens / max(time.monotonic() - started, 1e-9)
             if rt.main:
                 record = {
                     "step": step,
@@ -361,13 +340,13 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
                     "grad_norm": grad_norm,
                     "tokens": int(tokens),
                     "supervised_tokens": int(supervised),
-                    "tokens_per_s": tokens / max(elapsed, 1e-9),
+                    "tokens_per_s": tokens_per_s,
                     "skipped": int(skipped),
                     "time": time.time(),
                 }
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-            progress.update(step, loss, lr, tokens / max(elapsed, 1e-9))
+            progress.update(step, total_steps, f"steps | loss {loss:.4f} | lr {lr:.3g} | {tokens_per_s:,.0f} tok/s")
             if cfg.save_every and step % cfg.save_every == 0:
                 save_checkpoint(model, optimizer, rt, output / f"checkpoint-{step}", config, source, trainer_state())
 
