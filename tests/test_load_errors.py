@@ -9,13 +9,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import minillava
-from tests.hf_reference import convert_hf, make_hf_model
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    _, dst = convert_hf(make_hf_model(seed=5), tmp_path_factory.mktemp("errors"))
-    return dst
+def converted(hf_reference):
+    return hf_reference(seed=5)[2]
 
 
 def edited_copy(converted, tmp_path, edit):

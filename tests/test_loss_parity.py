@@ -13,7 +13,7 @@ import torch
 from torch.testing import assert_close
 
 from minillava.train import token_loss_sum
-from tests.hf_reference import IMAGE_TOKEN_ID, convert_hf, make_hf_model
+from tests.hf_reference import IMAGE_TOKEN_ID
 
 FP32 = {"rtol": 1e-5, "atol": 1e-5}
 PAD = 0
@@ -65,9 +65,8 @@ def training_batch(k: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    hf = make_hf_model(seed=11)
-    ours, _ = convert_hf(hf, tmp_path_factory.mktemp("loss"))
+def pair(hf_reference):
+    hf, ours, _ = hf_reference(seed=11)
     return hf, ours
 
 
