@@ -19,7 +19,7 @@ from torch.testing import assert_close
 import minillava
 from minillava.checkpoint import CARRIED_FILES
 from minillava.data import Collator, DataError, LlavaDataset, group_by_length, read_records, sample_messages
-from minillava.model import IGNORE_INDEX, Llava
+from minillava.model import IGNORE_INDEX, Llava, causal_lm_loss
 from minillava.processor import load_processor
 from minillava.train import (
     NonFiniteLoss,
@@ -27,7 +27,6 @@ from minillava.train import (
     main,
     set_trainable,
     stage_template,
-    token_loss_sum,
     train,
     with_dummy_image,
 )
@@ -242,7 +241,8 @@ def test_dummy_image_changes_neither_loss_nor_gradients(train_setup):
     def grads(b):
         model.zero_grad(set_to_none=True)
         logits = model(b["input_ids"], b["pixel_values"], b["attention_mask"]).logits
-        total, count = token_loss_sum(logits, b["labels"])
+        total = causal_lm_loss(logits, b["labels"], reduction="sum")
+        count = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
         total.backward()
         return total.detach(), count, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 

@@ -78,9 +78,10 @@ def check_image_count(
             f"{where}{found} {IMAGE_MARKER} marker(s) but {images} image(s); write one {IMAGE_MARKER} per image, "
             "in the order of the images"
         )
+    each = f" ({per_image} per image)" if images else ""
     raise ValueError(
         f"{where}input_ids hold {found} image placeholders (id {placeholder_id}) but {images} image(s) give "
-        f"{images * per_image} feature rows; each image needs exactly its {per_image} placeholders"
+        f"{images * per_image} feature rows{each}; each image needs exactly as many placeholders as it gives rows"
     )
 
 

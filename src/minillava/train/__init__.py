@@ -30,7 +30,7 @@ state beside the weights (``optimizer.safetensors``) for ``--resume``.
 
 from .config import STAGES, TrainConfig, parse_args, stage_template
 from .distributed import PeerFailed, with_dummy_image
-from .loop import NonFiniteLoss, lr_at, main, set_trainable, token_loss_sum, train
+from .loop import NonFiniteLoss, lr_at, main, set_trainable, train
 
 __all__ = [
     "STAGES",
@@ -42,7 +42,6 @@ __all__ = [
     "parse_args",
     "set_trainable",
     "stage_template",
-    "token_loss_sum",
     "train",
     "with_dummy_image",
 ]

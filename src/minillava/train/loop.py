@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -24,7 +23,7 @@ from ..checkpoint import load
 from ..config import LlavaConfig
 from ..data import Collator, LlavaDataset, group_by_length
 from ..layouts.source import build_empty
-from ..model import IGNORE_INDEX, Llava
+from ..model import IGNORE_INDEX, Llava, causal_lm_loss
 from ..processor import load_processor
 from ..progress import ProgressBar
 from .checkpoints import (
@@ -42,24 +41,6 @@ from .distributed import PeerFailed, Runtime, setup_runtime, shard_and_fill, wit
 
 class NonFiniteLoss(FloatingPointError):
     """The loss (or gradient norm) became NaN or infinite; the run stops before the weights change."""
-
-
-# --- the loss ---
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(sum of next-token cross-entropies in fp32, number of supervised tokens)``.
-
-    Logits at t predict labels at t+1; ``-100`` is ignored. ``sum / count`` is ``model(...).loss``.
-    """
-    targets = labels[:, 1:].to(logits.device)
-    total = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return total, int((targets != IGNORE_INDEX).sum())
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
@@ -177,7 +158,7 @@ def accumulate_gradients(
                 None if pixels is None else pixels.to(device),
                 b["attention_mask"].to(device),
             ).logits
-        total, _ = token_loss_sum(logits, b["labels"])
+        total = causal_lm_loss(logits, b["labels"], reduction="sum")
         if total.requires_grad:  # a text-only micro-batch in stage 1 reaches nothing that trains
             (total * scale).backward()
         loss_sum += total.detach().double()
