@@ -105,7 +105,7 @@ def build(work: Path) -> dict[str, int]:
     import torch
 
     from minillava.layouts.keymaps import HF_V4, original_keymap
-    from weights_convert.to_hf import hf_config_dict, preprocessor_dict
+    from weights_convert.to_hf import clip_vision_dict, hf_config_dict, preprocessor_dict
 
     config = slice_config()
     hf = work / "llava-hf"
@@ -132,19 +132,7 @@ def build(work: Path) -> dict[str, int]:
     tower = {"vision_model." + k[len("vision.") :]: t for k, t in random_tensors(config, 2) if k.startswith("vision.")}
     torch.save(tower, clip / "pytorch_model.bin")
     sizes["original"] += sum(t.numel() * t.element_size() for t in tower.values())
-    v = config.vision
-    clip_config = {
-        "model_type": "clip",
-        "projection_dim": 768,
-        "vision_config": {
-            "hidden_size": v.hidden_size,
-            "intermediate_size": v.intermediate_size,
-            "num_hidden_layers": v.num_layers,
-            "num_attention_heads": v.num_heads,
-            "image_size": v.image_size,
-            "patch_size": v.patch_size,
-        },
-    }
+    clip_config = {"model_type": "clip", "projection_dim": 768, "vision_config": clip_vision_dict(config.vision)}
     (clip / "config.json").write_text(json.dumps(clip_config))
     hf_cfg = json.loads((hf / "config.json").read_text())["text_config"]
     flat = {k: hf_cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")}

@@ -192,7 +192,7 @@ def _hf_processor(path):
 
 @pytest.mark.parametrize("legacy", [False, True])
 def test_llava_hf_processor_differences(tmp_path, legacy):
-    """Facts for the README, with the original (slow tokenizer, chunk rule) on one side and transformers'
+    """Facts for docs/inputs.md, with the original (slow tokenizer, chunk rule) on one side and transformers'
     LlavaProcessor (fast tokenizer over the expanded string) on the other:
 
     - text opening with a space after an image ("<image> ASSISTANT:"): the original keeps the dummy-prefix "▁"

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from minillava.checkpoint import TOKENIZER_FILES
-from minillava.config import LlavaConfig, read_json
+from minillava.config import LlavaConfig, VisionConfig, read_json
 from minillava.layouts.keymaps import HF_V4, UnmappedKeyError
 from minillava.layouts.reading import ConversionError
 from minillava.layouts.source import MinillavaSource, Planned, cast, cast_dtype, plan
@@ -95,18 +95,6 @@ def hf_config_dict(config: LlavaConfig, vocab_size: int, dtype: torch.dtype) -> 
         "pad_token_id": t.pad_token_id,
         "torch_dtype": dtype_name(dtype),
     }
-    vision = {
-        "model_type": "clip_vision_model",
-        "hidden_size": v.hidden_size,
-        "intermediate_size": v.intermediate_size,
-        "num_hidden_layers": v.num_layers,
-        "num_attention_heads": v.num_heads,
-        "image_size": v.image_size,
-        "patch_size": v.patch_size,
-        "num_channels": v.num_channels,
-        "layer_norm_eps": v.layer_norm_eps,
-        "hidden_act": v.hidden_act,
-    }
     return {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
@@ -119,7 +107,23 @@ def hf_config_dict(config: LlavaConfig, vocab_size: int, dtype: torch.dtype) -> 
         "tie_word_embeddings": t.tie_word_embeddings,
         "torch_dtype": dtype_name(dtype),
         "text_config": text,
-        "vision_config": vision,
+        "vision_config": clip_vision_dict(v),
+    }
+
+
+def clip_vision_dict(v: VisionConfig) -> dict[str, Any]:
+    """A transformers ``CLIPVisionConfig`` for the tower ``v``."""
+    return {
+        "model_type": "clip_vision_model",
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_layers,
+        "num_attention_heads": v.num_heads,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "num_channels": v.num_channels,
+        "layer_norm_eps": v.layer_norm_eps,
+        "hidden_act": v.hidden_act,
     }
 
 
