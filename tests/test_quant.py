@@ -12,7 +12,6 @@ from torch.testing import assert_close
 import minillava
 from minillava import quant
 from minillava.config import BUNDLED_MODEL
-from tests.hf_reference import convert_hf, make_hf_model
 from weights_convert.__main__ import main as convert_main
 
 SCHEMES = ("int8", "int4")
@@ -132,9 +131,9 @@ def test_quantized_checkpoint_round_trips_bit_for_bit(scheme, prompt, tmp_path):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_unconverted_checkpoint_quantizes_as_its_conversion_does(scheme, tmp_path):
-    _, converted = convert_hf(make_hf_model(seed=3), tmp_path)  # also leaves the llava-hf directory in tmp_path
-    direct = minillava.load(tmp_path / "hf", quantize=scheme).state_dict()
+def test_unconverted_checkpoint_quantizes_as_its_conversion_does(scheme, hf_reference):
+    _, _, converted = hf_reference(seed=3)
+    direct = minillava.load(converted.parent / "hf", quantize=scheme).state_dict()  # the llava-hf source
     want = minillava.load(converted, quantize=scheme).state_dict()
     assert direct.keys() == want.keys()
     assert all(torch.equal(direct[k], want[k]) for k in want)

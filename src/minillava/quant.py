@@ -52,6 +52,11 @@ def layer_scheme(name: str, quantize: str) -> str:
     return "int8" if quantize == "int4" and name == "llm.lm_head" else quantize
 
 
+def is_quantized_weight(name: str) -> bool:
+    """Whether the checkpoint tensor ``name`` is the weight of a layer :func:`quantized_linear_names` lists."""
+    return name == "llm.lm_head.weight" or (name.startswith("llm.layers.") and name.endswith("_proj.weight"))
+
+
 def quantized_linear_names(model: nn.Module) -> list[str]:
     """Qualified names of the decoder's linear layers that a scheme quantises: attention and MLP projections of
     every block, and the lm_head unless it is tied to the embedding table (then the table serves both)."""
@@ -327,9 +332,10 @@ def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, layer)
 
 
-def _record(model: nn.Module, quantize: str) -> None:
+def recorded(config, quantize: str):
+    """``config`` (a :class:`~minillava.config.LlavaConfig`) recording that its model is quantised with ``quantize``."""
     info = {"scheme": quantize, **({"group": INT4_GROUP} if quantize == "int4" else {})}
-    model.config = dataclasses.replace(model.config, quantization=info)
+    return dataclasses.replace(config, quantization=info)
 
 
 def quantize_model(model: nn.Module, quantize: str) -> nn.Module:
@@ -341,7 +347,7 @@ def quantize_model(model: nn.Module, quantize: str) -> nn.Module:
     check_scheme(quantize)
     for name in quantized_linear_names(model):
         _replace(model, name, LAYERS[layer_scheme(name, quantize)].from_linear(model.get_submodule(name)))
-    _record(model, quantize)
+    model.config = recorded(model.config, quantize)
     return model
 
 
@@ -385,7 +391,7 @@ def prepare(model: nn.Module, quantize: str) -> None:
         layer_type = LAYERS[layer_scheme(name, quantize)]
         with torch.device("meta"):
             _replace(model, name, layer_type(linear.in_features, linear.out_features, linear.bias is not None, None))
-    _record(model, quantize)
+    model.config = recorded(model.config, quantize)
 
 
 def scale_name(weight_name: str, quantize: str) -> str:
