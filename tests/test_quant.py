@@ -10,7 +10,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import minillava
-from minillava import quant
+from minillava import linear, quant
 from minillava.config import BUNDLED_MODEL
 from weights_convert.__main__ import main as convert_main
 
@@ -70,11 +70,11 @@ def test_int4_kernel_layout_round_trips(rows):
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("rows", [1, 3, 7, 200])  # fused kernel (<= FUSED_ROWS rows), dequantised tiles above
 def test_quantized_linear_equals_its_dequantized_weight(scheme, dtype, rows, monkeypatch):
-    monkeypatch.setattr(quant, "TILE_BYTES", 1)  # the smallest tiles: several of them, the last one ragged
-    linear = nn.Linear(96, 272, bias=True)
+    monkeypatch.setattr(linear, "TILE_BYTES", 1)  # the smallest tiles: several of them, the last one ragged
+    dense = nn.Linear(96, 272, bias=True)
     with torch.no_grad():
-        linear.weight.copy_(weight(272, 96, seed=1))
-    layer = quant.LAYERS[scheme].from_linear(linear.to(dtype))
+        dense.weight.copy_(weight(272, 96, seed=1))
+    layer = quant.LAYERS[scheme].from_linear(dense.to(dtype))
     x = torch.randn(2, rows, 96, generator=torch.Generator().manual_seed(2)).to(dtype)
     want = F.linear(x.float(), layer.dequantize(dtype=torch.float32), layer.bias.float())
     got = layer(x)
@@ -153,3 +153,25 @@ def test_bad_requests_name_the_fix(tmp_path):
         quant.quantize_model(minillava.load(tmp_path / "q8"), "int8")
     with pytest.raises(ValueError, match="in_features divisible by 32.*quantize this model with 'int8'"):
         quant.Int4Linear.from_linear(nn.Linear(48, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_upcast_tiles_equal_f_linear_within_rounding(dtype, bias, monkeypatch):
+    monkeypatch.setattr(linear, "TILE_BYTES", 1)  # several tiles, the last one ragged
+    monkeypatch.setattr(linear, "gemm_dtype", lambda d, device: torch.float32)  # the path of a CPU without bf16 GEMMs
+    layer = linear.Linear(96, 272, bias=bias).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight(272, 96, seed=4))
+    x = torch.randn(3, 40, 96, generator=torch.Generator().manual_seed(5)).to(dtype)
+    want = F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+    with torch.no_grad():
+        got = layer(x)
+    assert got.dtype == dtype and got.shape == (3, 40, 272)
+    # One rounding of the fp32 result: within half a unit in the last place of the half-precision output (plus the
+    # fp32 summation order's own difference).
+    half_ulp = torch.finfo(dtype).eps / 2 * want.abs() * (1 + 1e-3) + 1e-6
+    assert bool(((got.float() - want).abs() <= half_ulp).all())
+    assert_close(got, F.linear(x, layer.weight, layer.bias), **TOLERANCE[torch.bfloat16])
+    with torch.no_grad():  # few rows keep F.linear itself
+        assert torch.equal(layer(x[:1, :3]), F.linear(x[:1, :3], layer.weight, layer.bias))

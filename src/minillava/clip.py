@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
+from .linear import Linear
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -40,12 +41,12 @@ class SelfAttention(nn.Module):
         d = config.hidden_size
         self.num_heads = config.num_heads
         self.head_dim = d // config.num_heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(d, d) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
 
-        def heads(proj: nn.Linear) -> torch.Tensor:
+        def heads(proj: Linear) -> torch.Tensor:
             return proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
 
         y = F.scaled_dot_product_attention(
@@ -59,8 +60,8 @@ class MLP(nn.Module):
         super().__init__()
         if config.hidden_act != "quick_gelu":
             raise ValueError(f"unsupported CLIP activation {config.hidden_act!r}; only 'quick_gelu' is implemented")
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(quick_gelu(self.fc1(x)))

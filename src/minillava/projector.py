@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import projector_depth
+from .linear import Linear
 
 
 class Projector(nn.Module):
@@ -26,7 +27,7 @@ class Projector(nn.Module):
                 f"and decoder hidden size {out_features}"
             )
         sizes = [in_features] + [out_features] * depth
-        self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in pairwise(sizes))
+        self.layers = nn.ModuleList(Linear(a, b, bias=bias) for a, b in pairwise(sizes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layers:

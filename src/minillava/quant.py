@@ -28,15 +28,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .linear import TILE_ROWS, tiled_linear
+
 SCHEMES = ("int8", "int4")
 INT4_GROUP = 32
 """Input columns per int4 scale/zero pair: llama.cpp's Q4_0 block size; 5 bits per weight with bf16 scales."""
 
 FUSED_ROWS = 4
 """Calls with at most this many rows use the fused weight-only kernels; larger ones dequantise tiles."""
-
-TILE_BYTES = 16 * 2**20
-"""Dequantised tile size for many-row calls: small enough to stay in cache while the GEMM reads it."""
 
 
 def check_scheme(quantize: str | None) -> str | None:
@@ -126,9 +125,9 @@ def bytes_to_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 # --- the int4 kernels' packed layouts ------------------------------------------------------------------------------
 
-_PACK_ROWS = 256
-"""Rows packed per call: a multiple of every layout's row block (8 on CUDA, 32 with AVX2, 64 with AVX-512), so
-the blocks of a longer weight pack exactly as they would inside it."""
+_PACK_ROWS = TILE_ROWS
+"""Rows packed per call (256): a multiple of every layout's row block (8 on CUDA, 32 with AVX2, 64 with AVX-512),
+so the blocks of a longer weight pack exactly as they would inside it; dequantised tiles start at multiples of it."""
 
 
 def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -188,37 +187,6 @@ def int4_codes(packed: torch.Tensor, rows: int, start: int, stop: int) -> torch.
 # --- layers -----------------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def gemm_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
-    """The dtype a many-row product runs in: ``dtype``, except bf16/fp16 on a CPU without their matrix
-    instructions (no oneDNN support, e.g. AVX2 only), where torch's fallback GEMM is several times slower than
-    fp32 (bf16 512x4096 @ 4096x11008: 5.6x slower on a Zen 3); there the weight tile is upcast instead."""
-    if device_type != "cpu":
-        return dtype
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.float32
-    if dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
-        return torch.float32
-    return dtype
-
-
-def tiled_linear(
-    x: torch.Tensor, out_features: int, dequantize: Callable[[int, int, torch.dtype], torch.Tensor]
-) -> torch.Tensor:
-    """``x @ W.T`` for ``x`` ``[M, K]``, with ``W`` dequantised ``_PACK_ROWS``-aligned tiles of output rows at a
-    time (``dequantize(start, stop, dtype)`` -> rows ``start:stop``) so no full-precision copy is ever held."""
-    dtype = gemm_dtype(x.dtype, x.device.type)
-    xc = x.to(dtype)
-    rows = max(_PACK_ROWS, TILE_BYTES // (x.shape[1] * dtype.itemsize) // _PACK_ROWS * _PACK_ROWS)
-    if rows >= out_features:
-        return (xc @ dequantize(0, out_features, dtype).t()).to(x.dtype)
-    out = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
-    for a in range(0, out_features, rows):
-        b = min(a + rows, out_features)
-        out[:, a:b] = xc @ dequantize(a, b, dtype).t()
-    return out
-
-
 class Int8Linear(nn.Module):
     """``nn.Linear`` with int8 weights and one scale per output row (see the module docstring)."""
 
@@ -250,7 +218,7 @@ class Int8Linear(nn.Module):
         if x2.shape[0] <= FUSED_ROWS and x.device.type == "cpu":
             y = torch._weight_int8pack_mm(x2, self.weight, self.weight_scale.to(x.dtype))
         else:
-            y = tiled_linear(x2, self.out_features, self.dequantize)
+            return tiled_linear(x2, self.out_features, self.dequantize, self.bias).reshape(*x.shape[:-1], -1)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -312,7 +280,7 @@ class Int4Linear(nn.Module):
         elif x2.shape[0] <= FUSED_ROWS:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group, scales_and_zeros)
         else:
-            y = tiled_linear(x2, self.out_features, self.dequantize)
+            return tiled_linear(x2, self.out_features, self.dequantize, self.bias).reshape(*x.shape[:-1], -1)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
