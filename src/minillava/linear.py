@@ -4,8 +4,8 @@ On a CPU without native bf16 (or fp16) matrix instructions (oneDNN refuses them,
 fallback half-precision GEMM runs several times slower than its fp32 GEMM (512x4096 @ 4096x11008 in bf16: 5.6x
 slower than fp32 on a Zen 3). A product of many rows (a prefill, an image through CLIP) therefore upcasts the
 weight a tile of output rows at a time and runs the fp32 GEMM on it, rounding the result back: the same products
-summed in fp32, as torch's own bf16 GEMM does, only in another order. The tiles keep the extra memory small.
-Few-row products (decode) and anything that needs gradients keep ``F.linear``.
+summed in fp32, as torch's own bf16 GEMM does, only in another order. One tile buffer is reused, so the extra
+memory is one tile. Few-row products (decode) and anything that needs gradients keep ``F.linear``.
 """
 
 from __future__ import annotations
@@ -44,21 +44,28 @@ def gemm_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
 def tiled_linear(
     x: torch.Tensor,
     out_features: int,
-    weight_rows: Callable[[int, int, torch.dtype], torch.Tensor],
+    weight_rows: Callable[[int, int, torch.Tensor], torch.Tensor],
     bias: torch.Tensor | None = None,
+    column_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ W.T + bias`` for ``x`` ``[M, K]`` in ``x``'s dtype, computed in :func:`gemm_dtype` over tiles of ``W``'s
-    output rows (``weight_rows(start, stop, dtype)`` gives rows ``start:stop`` of ``W`` in ``dtype``) and rounded
-    once at the end, as one GEMM with the bias in its epilogue would."""
+    """``(x @ W.T) * column_scale + bias`` for ``x`` ``[M, K]``, computed in :func:`gemm_dtype` over tiles of ``W``'s
+    output rows and rounded to ``x``'s dtype once at the end.
+
+    ``weight_rows(start, stop, tile)`` writes rows ``start:stop`` of ``W`` into ``tile`` (``[stop - start, K]``
+    in the GEMM dtype, one buffer reused for every tile) and returns it (or another tensor holding them)."""
     dtype = gemm_dtype(x.dtype, x.device.type)
     xc = x.to(dtype)
     rows = max(TILE_ROWS, TILE_BYTES // (x.shape[1] * dtype.itemsize) // TILE_ROWS * TILE_ROWS)
-    out = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
+    tile = torch.empty(min(rows, out_features), x.shape[1], dtype=dtype, device=x.device)
+    out = torch.empty(x.shape[0], out_features, dtype=dtype, device=x.device)
     for a in range(0, out_features, rows):
         b = min(a + rows, out_features)
-        w = weight_rows(a, b, dtype).t()
-        out[:, a:b] = xc @ w if bias is None else torch.addmm(bias[a:b].to(dtype), xc, w)
-    return out
+        torch.mm(xc, weight_rows(a, b, tile[: b - a]).t(), out=out[:, a:b])
+    if column_scale is not None:
+        out.mul_(column_scale.to(dtype))
+    if bias is not None:
+        out.add_(bias.to(dtype))
+    return out.to(x.dtype)
 
 
 class Linear(nn.Linear):
@@ -74,5 +81,7 @@ class Linear(nn.Linear):
             or x.dtype != self.weight.dtype
         ):
             return F.linear(x, self.weight, self.bias)
-        y = tiled_linear(x.reshape(rows, -1), self.out_features, lambda a, b, t: self.weight[a:b].to(t), self.bias)
+        y = tiled_linear(
+            x.reshape(rows, -1), self.out_features, lambda a, b, tile: tile.copy_(self.weight[a:b]), self.bias
+        )
         return y.reshape(*x.shape[:-1], self.out_features)
