@@ -14,9 +14,10 @@ Schemes, and their checkpoint form (the names a ``state_dict`` and a quantised c
   ``2j+1`` in the high one; ``scales_and_zeros`` ``[K/G, N, 2]``. The lm_head stays int8 (:func:`layer_scheme`).
 
 A call with at most :data:`FUSED_ROWS` rows (decode) runs torch's fused weight-only kernel; more rows (prefill)
-dequantise a tile of output rows at a time and run a dense GEMM on it, so long prompts cost what a dense model's
-do. In memory the int4 weight is held in the CPU kernel's own packed layout (which depends on the CPU's vector
-width); :func:`int4_unpack` recovers the portable form from it, so saving writes the checkpoint form above.
+dequantise a tile of output rows at a time and run a dense GEMM on it (:func:`minillava.linear.tiled_linear`), so
+long prompts cost about what a dense model's do. In memory the int4 weight is held in the kernel's own packed
+layout (which depends on the device and the CPU's vector width); :meth:`Int4Linear.portable` recovers the
+checkpoint form from it, so saving writes the form above.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch
 
 
 def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (codes.to(dtype) * scale.to(dtype)[:, None]).to(dtype)
+    return codes.to(dtype) * scale.to(dtype)[:, None]
 
 
 def quantize_int4(
@@ -173,18 +174,18 @@ def int4_pack(codes: Callable[[int, int], torch.Tensor], rows: int) -> torch.Ten
     return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
 
 
-def int4_codes(packed: torch.Tensor, rows: int, start: int, stop: int) -> torch.Tensor:
+def int4_codes(packed: torch.Tensor, rows: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Codes ``[stop - start, K]`` of rows ``start:stop`` (``start`` a multiple of ``_PACK_ROWS``) of a packed
-    weight of ``rows`` rows."""
+    weight of ``rows`` rows, as uint8 or written into ``out`` (any dtype)."""
     per_row = packed.numel() // rows  # packed elements per weight row, whatever the layout's shape
     flat = packed.reshape(-1)
-    parts = []
+    cols = 2 * per_row * packed.element_size()
+    out = torch.empty(stop - start, cols, dtype=torch.uint8, device=packed.device) if out is None else out
     for a in range(start, stop, _PACK_ROWS):
         b = min(a + _PACK_ROWS, stop)
         nibbles = _nibbles(flat[a * per_row : b * per_row])
-        cols = nibbles.numel() // (b - a)
-        parts.append(nibbles.index_select(0, _layout(packed.device, b - a, cols)).reshape(b - a, cols))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+        out[a - start : b - start].view(-1).copy_(nibbles.index_select(0, _layout(packed.device, b - a, cols)))
+    return out
 
 
 # --- layers -----------------------------------------------------------------------------------------------------
@@ -281,11 +282,12 @@ class Int4Linear(nn.Module):
         )
 
     def _dequantize_into(self, start: int, stop: int, tile: torch.Tensor) -> torch.Tensor:
-        # (q - 8) * scale + zero, as q * scale + (zero - 8 * scale): one pass after the codes are in the tile.
-        tile.copy_(int4_codes(self.weight, self.out_features, start, stop))
+        # (q - 8) * scale + zero, as q * scale + (zero - 8 * scale), in place once the codes are in the tile.
+        int4_codes(self.weight, self.out_features, start, stop, out=tile)
         scale, zero = self.scales_and_zeros[:, start:stop].to(tile.dtype).transpose(0, 1).unbind(-1)
         groups = tile.view(stop - start, -1, self.group)
-        return torch.addcmul((zero - 8 * scale)[..., None], groups, scale[..., None], out=groups).view_as(tile)
+        groups.mul_(scale[..., None]).add_((zero - 8 * scale)[..., None])  # faster here than one addcmul
+        return tile
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
