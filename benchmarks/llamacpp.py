@@ -175,13 +175,15 @@ def time_system(system: System, threads: int, prompt: list[int], prefill: list[i
     if system.kind == "llama.cpp":
         runner = LlamaCpp(system.source, threads, context=len(prefill) + n + 8)
         try:
-            runner.run(prompt, 2)
-            logits = runner.logits()
+            runner.run(prompt, 4)  # warm-up
+            runner.run(prompt, 1)
+            logits = runner.logits()  # after the prompt, as the others
             return runner.run(prompt, n), runner.run(prefill, 1)[0], logits
         finally:
             runner.close()
     if system.kind == "minillava":
         import minillava
+        from minillava.generate import stream_generate
 
         model = minillava.load(system.source, dtype=system.dtype)
         ids, long_ids = torch.tensor([prompt]), torch.tensor([prefill])
@@ -190,7 +192,7 @@ def time_system(system: System, threads: int, prompt: list[int], prefill: list[i
 
         def stamps(x: torch.Tensor, count: int) -> list[float]:
             out, t0 = [], time.perf_counter()
-            for _ in minillava.stream_generate(model, x, max_new_tokens=count, eos_token_id=[], compile=system.compile):
+            for _ in stream_generate(model, x, max_new_tokens=count, eos_token_id=[], compile=system.compile):
                 out.append(time.perf_counter() - t0)
             return out
 
