@@ -259,6 +259,9 @@ def side_by_side(
             decode[s.name].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
             fill[s.name].append(prefill_len / seconds)
             logits.setdefault(s.name, last)
+            print(
+                f"  {s.name}: decode {decode[s.name][-1]:.1f} tok/s, prefill {fill[s.name][-1]:.0f} tok/s", flush=True
+            )
             gc.collect()
         loads.append(os.getloadavg()[0])
         print(f"round {r + 1}/{rounds} done, load average {loads[-1]:.1f}", flush=True)

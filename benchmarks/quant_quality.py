@@ -33,7 +33,9 @@ from minillava import quant  # noqa: E402
 from minillava.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 
 
-def sharpened_slice(layers: int, seed: int = 0) -> minillava.Llava:
+def random_slice(layers: int, sharpened: bool, seed: int = 0) -> minillava.Llava:
+    """``layers`` LLaMA-7B blocks with LLaVA-1.5's vocabulary and a tiny idle vision tower. Weights N(0, 0.02)
+    and norms 1 (a fresh initialisation), or ``sharpened``: N(0, 4 / fan_in) and norms 1 + N(0, 0.2^2)."""
     text = TextConfig(
         vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_layers=layers, num_heads=32, rms_norm_eps=1e-5
     )
@@ -46,9 +48,9 @@ def sharpened_slice(layers: int, seed: int = 0) -> minillava.Llava:
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
             if "norm" in name:
-                p.copy_(1 + 0.2 * noise)
+                p.copy_(1 + 0.2 * noise if sharpened else torch.ones_like(p))
             else:
-                p.copy_(noise * 2 / p.shape[-1] ** 0.5)
+                p.copy_(noise * (2 / p.shape[-1] ** 0.5 if sharpened else 0.02))
     return model.eval()
 
 
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     ids = torch.randint(3, 32000, (1, args.tokens), generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory(prefix="quant-quality-") as tmp:
-        minillava.save(sharpened_slice(args.layers), Path(tmp) / "fp32")
+        minillava.save(random_slice(args.layers, sharpened=True), Path(tmp) / "fp32")
         reference = minillava.load(Path(tmp) / "fp32")
         inputs = linear_inputs(reference, ids)
         with torch.no_grad():
