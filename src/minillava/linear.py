@@ -81,7 +81,10 @@ class Linear(nn.Linear):
             or x.dtype != self.weight.dtype
         ):
             return F.linear(x, self.weight, self.bias)
-        y = tiled_linear(
-            x.reshape(rows, -1), self.out_features, lambda a, b, tile: tile.copy_(self.weight[a:b]), self.bias
-        )
-        return y.reshape(*x.shape[:-1], self.out_features)
+        upcast = lambda a, b, tile: tile.copy_(self.weight[a:b])  # noqa: E731
+        # torch's linear adds the bias inside the GEMM (one rounding) for 2-D and contiguous 3-D inputs and after it
+        # otherwise (a second rounding); the same here, so half-precision results round where the reference's do.
+        fused_bias = x.dim() == 2 or (x.dim() == 3 and x.is_contiguous())
+        y = tiled_linear(x.reshape(rows, -1), self.out_features, upcast, self.bias if fused_bias else None)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if fused_bias or self.bias is None else y + self.bias
