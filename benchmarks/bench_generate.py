@@ -142,14 +142,15 @@ def make_inputs(shape: Shape, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def time_hf(hf, ids: torch.Tensor, pixels: torch.Tensor, n: int) -> list[float]:
-    """Seconds from the call to each new token."""
+    """Seconds from the call to each new token (``pixels`` None: a text-only prompt)."""
     stamps = Stamps()
+    images = {} if pixels is None else {"pixel_values": pixels}
     t0 = time.perf_counter()
     with torch.inference_mode():
         hf.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            pixel_values=pixels,
+            **images,
             max_new_tokens=n,
             do_sample=False,
             streamer=stamps,

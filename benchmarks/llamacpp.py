@@ -181,56 +181,27 @@ def time_system(system: System, threads: int, prompt: list[int], prefill: list[i
             return runner.run(prompt, n), runner.run(prefill, 1)[0], logits
         finally:
             runner.close()
+    # The same timers as bench_generate.py's image prompts (imported here: bench_generate imports this module).
+    from bench_generate import time_hf, time_ours
+
+    ids, long_ids = torch.tensor([prompt]), torch.tensor([prefill])
     if system.kind == "minillava":
         import minillava
-        from minillava.generate import stream_generate
 
         model = minillava.load(system.source, dtype=system.dtype)
-        ids, long_ids = torch.tensor([prompt]), torch.tensor([prefill])
         with torch.inference_mode():
             logits = model(ids, logits_to_keep=1).logits[0, -1].float()
-
-        def stamps(x: torch.Tensor, count: int) -> list[float]:
-            out, t0 = [], time.perf_counter()
-            for _ in stream_generate(model, x, max_new_tokens=count, eos_token_id=[], compile=system.compile):
-                out.append(time.perf_counter() - t0)
-            return out
-
-        stamps(ids, 4)  # warm-up (compiles the step when asked to)
-        return stamps(ids, n), stamps(long_ids, 1)[0], logits
+        time_ours(model, ids, None, 4, system.compile)  # warm-up (compiles the step when asked to)
+        return time_ours(model, ids, None, n, system.compile), time_ours(model, long_ids, None, 1)[0], logits
     from transformers import LlavaForConditionalGeneration
 
     hf = LlavaForConditionalGeneration.from_pretrained(system.source, dtype=system.dtype).eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
-
-    class Stamps:
-        def __init__(self) -> None:
-            self.t0, self.times = time.perf_counter(), []
-
-        def put(self, value) -> None:
-            self.times.append(time.perf_counter() - self.t0)
-
-        def end(self) -> None:
-            pass
-
-    def stamps(x: list[int], count: int) -> list[float]:
-        streamer = Stamps()
-        ids = torch.tensor([x])
-        with torch.inference_mode():
-            hf.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=count,
-                do_sample=False,
-                streamer=streamer,
-            )
-        return streamer.times[1:]  # the first put is the prompt
-
     with torch.inference_mode():
-        logits = hf(input_ids=torch.tensor([prompt])).logits[0, -1].float()
-    stamps(prompt, 4)
-    return stamps(prompt, n), stamps(prefill, 1)[0], logits
+        logits = hf(input_ids=ids).logits[0, -1].float()
+    time_hf(hf, ids, None, 4)
+    return time_hf(hf, ids, None, n), time_hf(hf, long_ids, None, 1)[0], logits
 
 
 def side_by_side(
