@@ -16,6 +16,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,6 +75,23 @@ def candidates(n: int, k: int, rows: int, compile: bool) -> dict[str, tuple[Call
             linear.weight.copy_(w)
             fn = torch.compile(linear, dynamic=False)
             out[f"{label} compiled (max-autotune CPP)"] = (lambda fn=fn, x=x: fn(x), w.float(), w.nbytes)
+    # Measured and not used: fp16 weights through FBGEMM (a deprecated API; it changes the stored dtype) and int8
+    # weights with dynamically quantised activations (not weight-only: the activations lose precision too).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        packed16 = torch.fbgemm_pack_gemm_matrix_fp16(w32)
+        zero = torch.zeros(n)
+        out["fp16 weights, FBGEMM (not used)"] = (
+            lambda: torch.fbgemm_linear_fp16_weight_fp32_activation(x32, packed16, zero),
+            w32.half().float(),
+            n * k * 2,
+        )
+    dynamic = torch.ao.nn.quantized.dynamic.Linear(k, n, bias_=False, dtype=torch.qint8)
+    step = (w32.abs().amax(1) / 127).double()
+    dynamic.set_weight_bias(
+        torch.quantize_per_channel(w32, step, torch.zeros(n, dtype=torch.long), 0, torch.qint8), None
+    )
+    out["int8 W8A8 dynamic, FBGEMM (not used)"] = (lambda: dynamic(x32), dynamic.weight().dequantize(), n * k)
     xb = x32.bfloat16()
     linear = nn.Linear(k, n, bias=False).requires_grad_(False)
     linear.weight.copy_(w32)
@@ -89,7 +107,9 @@ def activations(rows: int, k: int) -> torch.Tensor:
     return torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
 
 
-def bench(n: int, k: int, rows: int, rounds: int, compile: bool) -> list[tuple[str, float, float, float]]:
+def bench(
+    n: int, k: int, rows: int, rounds: int, compile: bool, clock=time.perf_counter
+) -> list[tuple[str, float, float, float]]:
     """(name, ms, GB/s or GFLOP/s, max relative error) per candidate, plus a copy of the weight's fp32 size."""
     cands = candidates(n, k, rows, compile)
     x32 = activations(rows, k)
@@ -107,9 +127,9 @@ def bench(n: int, k: int, rows: int, rounds: int, compile: bool) -> list[tuple[s
     times: dict[str, list[float]] = {name: [] for name in cands}
     for _ in range(rounds):
         for name, (fn, _, _) in cands.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     result = []
     for name, (_, _, nbytes) in cands.items():
         seconds = statistics.median(times[name])
@@ -125,18 +145,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 512], help="rows per call: 1 = decode")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--compile", action="store_true", help="also inductor's CPU GEMM templates (slow to build)")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with the process's CPU clock instead of the wall clock: with --threads 1, what each kernel costs "
+        "on a core whatever else the machine runs (time spent descheduled does not count)",
+    )
     args = parser.parse_args(argv)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, "
-        f"oneDNN bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}, load average {os.getloadavg()[0]:.1f}"
+        f"oneDNN bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}, load average {os.getloadavg()[0]:.1f}, "
+        f"{'CPU' if args.cpu_time else 'wall'} clock"
     )
     for rows in args.rows:
         unit = "GB/s of weights" if rows == 1 else "GFLOP/s"
         for shape in args.shapes:
             n, k = SHAPES[shape]
             print(f"\n{shape}, {rows} row(s)\n\n| kernel | ms | {unit} | max rel. error |\n|---|---|---|---|")
-            for name, ms, rate, err in bench(n, k, rows, args.rounds if rows == 1 else 3, args.compile):
+            for name, ms, rate, err in bench(n, k, rows, args.rounds if rows == 1 else 3, args.compile, clock):
                 print(f"| {name} | {ms:.2f} | {rate:.1f} | {err:.1e} |", flush=True)
     print(f"\n(load average now {os.getloadavg()[0]:.1f})")
     return 0
