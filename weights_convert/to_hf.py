@@ -9,6 +9,12 @@ llava-hf checkpoint and exporting it again gives back the same tensors.
 Two things llava-hf cannot express are refused: a projector other than ``mlp2x_gelu``, and a placeholder id
 outside the vocabulary (what original-LLaVA conversions use). transformers looks the placeholder id up in the
 embedding before overwriting it, so it needs a row; ``pad_vocab`` appends rows as llava-hf's own conversion did.
+
+The export also says how minillava generates, in transformers' terms, so that ``generate(**inputs)`` and
+``pipeline("image-text-to-text")`` give minillava's answers with no extra arguments: ``generation_config.json``
+(greedy unless the checkpoint samples, its EOS plus the template's one-token stop strings, the pad id, and the
+placeholder id, which minillava never generates, in ``suppress_tokens``) and ``chat_template.jinja`` (the
+checkpoint's own chat template; see :mod:`weights_convert.hf_chat_template`).
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from typing import Any
 
 import torch
 
+from minillava.chat import ChatTemplate, default_template_for, get_template
 from minillava.checkpoint import TOKENIZER_FILES
 from minillava.config import LlavaConfig, VisionConfig, read_json
+from minillava.generate import GenerationConfig
 from minillava.layouts.keymaps import HF_V4, UnmappedKeyError
 from minillava.layouts.reading import ConversionError
 from minillava.layouts.source import MinillavaSource, Planned, cast, cast_dtype, plan
@@ -35,8 +43,14 @@ from minillava.safetensors_io import (
     open_safetensors,
     write_shards,
 )
+from minillava.tokenizer import Tokenizer
+
+from .hf_chat_template import image_suffix_for, jinja_chat_template
 
 IMAGE_TOKEN = "<image>"
+CHAT_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")  # written fresh from the checkpoint's template
+# transformers' generate refuses stop strings unless it is handed a tokenizer, and has no seed setting.
+MINILLAVA_ONLY_SETTINGS = ("seed", "stop_strings")
 VOCAB_MULTIPLE = 64  # llava-hf pads 32002 -> 32064 for tensor-core friendly shapes
 PADDED_TENSORS = ("llm.embed_tokens.weight", "llm.lm_head.weight")
 
@@ -179,6 +193,48 @@ def add_image_token(directory: Path, token_id: int) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def generation_dict(config: LlavaConfig, vocab: int, stop_ids: list[int]) -> dict[str, Any]:
+    """``generation_config.json``: how minillava generates with this checkpoint, as transformers' settings.
+
+    ``stop_ids`` are the template's stop strings that are single tokens (``<|im_end|>``); they join the EOS ids.
+    The placeholder id and the rows ``pad_vocab`` added (``vocab`` counts them) are suppressed, as minillava's
+    head never produces them.
+    """
+    t = config.text
+    carried = {k: v for k, v in config.generation.items() if k not in MINILLAVA_ONLY_SETTINGS}
+    defaults = GenerationConfig()
+    eos = list(t.eos_token_id) if isinstance(t.eos_token_id, list) else [t.eos_token_id]
+    eos = [i for i in eos if i is not None]
+    eos += [i for i in stop_ids if i not in eos]
+    # minillava's pad id for finished rows: the checkpoint's generation pad, else the decoder's, else the EOS.
+    pads = [p for p in (carried.get("pad_token_id"), t.pad_token_id) if isinstance(p, int)]
+    pad = pads[0] if pads else eos[0] if eos else None
+    out: dict[str, Any] = {"bos_token_id": t.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}
+    out["pad_token_id"] = pad
+    out.update({k: v for k, v in carried.items() if k not in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    temperature = carried.get("temperature") or 0.0
+    if temperature > 0:
+        # minillava samples from every token unless top_k is set; transformers' default is top_k=50.
+        out.update(do_sample=True, temperature=temperature, top_k=carried.get("top_k") or 0)
+    else:
+        out["do_sample"] = False
+        for key in ("temperature", "top_p", "top_k"):
+            out.pop(key, None)  # transformers warns about sampling settings that greedy decoding ignores
+    out.setdefault("max_new_tokens", defaults.max_new_tokens)
+    suppressed = {config.image_token_id, *range(t.vocab_size, vocab)} | set(carried.get("suppress_tokens") or [])
+    out["suppress_tokens"] = sorted(i for i in suppressed if 0 <= i < vocab)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def chat_template_source(template: ChatTemplate, tokenizer: Tokenizer | None) -> str:
+    """``chat_template.jinja`` for ``template``, with what the tokenizer needs after ``<image>`` (nothing, when the
+    tokenizer cannot say or gives other ids either way)."""
+    suffix = None
+    if tokenizer is not None and tokenizer.token_to_id(IMAGE_TOKEN) is not None:
+        suffix = image_suffix_for(tokenizer)
+    return jinja_chat_template(template, suffix or "")
+
+
 def _hf_tensors(
     path: Path, planned: list[Planned], dtype: torch.dtype | None, vocab: int
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -236,15 +292,18 @@ def export_hf(
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_dict(config), indent=2) + "\n")
         (tmp / "processor_config.json").write_text(json.dumps(processor_dict(config), indent=2) + "\n")
-        generation = dict(config.generation) or {
-            "bos_token_id": config.text.bos_token_id,
-            "eos_token_id": config.text.eos_token_id,
-            "pad_token_id": config.text.pad_token_id,
-        }
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        for name in TOKENIZER_FILES:
+        tokenizer_files = [name for name in TOKENIZER_FILES if name not in CHAT_TEMPLATE_FILES]
+        for name in tokenizer_files:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        if vocab != config.text.vocab_size and any((tmp / name).is_file() for name in TOKENIZER_FILES):
-            add_image_token(tmp, config.image_token_id)
+        tokenizer = None
+        if any((tmp / name).is_file() for name in tokenizer_files):
+            if vocab != config.text.vocab_size:
+                add_image_token(tmp, config.image_token_id)
+            tokenizer = Tokenizer.from_dir(tmp)
+        template = get_template(config.chat_template or default_template_for(src.resolve(), config.source_layout))
+        stop_ids = [] if tokenizer is None else [tokenizer.token_to_id(s) for s in template.stop_strings]
+        generation = generation_dict(config, vocab, [i for i in stop_ids if i is not None])
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        (tmp / "chat_template.jinja").write_text(chat_template_source(template, tokenizer))
     return hf_config
