@@ -14,7 +14,7 @@ from minillava.layouts import detect
 from minillava.progress import ProgressBar
 from minillava.safetensors_io import DTYPES
 
-from .convert import convert
+from .convert import check_tokenizer, convert
 from .to_hf import export_hf
 
 DEFAULT_SHARD_SIZE = "2GB"
@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 1
     print(f"wrote {args.dst} ({args.to} layout, from {origin})")
+    if not check_tokenizer(args.dst):
+        print(
+            f"note: {args.src} has no tokenizer files; copy tokenizer.model (or tokenizer.json) and its JSON files "
+            f"into {args.dst} before generating"
+        )
     return 0
 
 

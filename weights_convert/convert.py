@@ -4,6 +4,9 @@ The source is read for its headers first and every name and shape is checked aga
 describes (:func:`minillava.layouts.source.plan`), so a bad checkpoint fails before a byte is written. Then each
 source file is opened in turn and each tensor written straight to its precomputed place in the output shards:
 memory holds one source file's pages and one tensor, never an output shard.
+
+The tokenizer is read before anything is written, too: a checkpoint whose tokenizer minillava cannot read would
+only fail later, at its first prompt.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 
 from minillava.checkpoint import carried_files
 from minillava.config import LlavaConfig
-from minillava.layouts.reading import open_tensors
+from minillava.layouts.reading import ConversionError, open_tensors
 from minillava.layouts.source import Planned, Source, cast, cast_dtype, plan
 from minillava.safetensors_io import DEFAULT_SHARD_BYTES, ProgressFn, atomic_directory, write_shards
 
@@ -26,6 +29,29 @@ def _tensors(path: Path, planned: list[Planned], dtype: torch.dtype | None) -> I
     with open_tensors(path) as get:
         for p in planned:
             yield p.ours, cast(get(p.theirs), p.target(dtype))
+
+
+TOKENIZER_DEFINITION = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
+"""Files that say a directory has a tokenizer (a chat template or generation file alone does not)."""
+
+
+def check_tokenizer(directory: Path) -> bool:
+    """Read the tokenizer files of ``directory`` as generation will; returns whether there are any.
+
+    Raises ``ConversionError`` (or ``MissingDependency`` for a ``tokenizer.json`` without the ``tokenizers``
+    package) naming the fix when they cannot be read.
+    """
+    from minillava.tokenizer import Tokenizer
+
+    if not any((directory / name).is_file() for name in TOKENIZER_DEFINITION):
+        return False
+    try:
+        Tokenizer.from_dir(directory)
+    except (ValueError, OSError) as err:
+        raise ConversionError(
+            f"the tokenizer cannot be read, so the converted model could not take prompts: {err}"
+        ) from None
+    return True
 
 
 def convert(
@@ -49,6 +75,7 @@ def convert(
     """
     config = source.config()
     files = plan(source, config)
+    check_tokenizer(source.directory)
     entries = [
         (p.ours, p.meta.shape, cast_dtype(p.meta.dtype, p.target(dtype))) for _, planned in files for p in planned
     ]
