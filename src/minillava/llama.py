@@ -48,7 +48,9 @@ def rope_inv_freq(config: TextConfig, seq_len: int | None = None) -> torch.Tenso
     if rope_type == "dynamic" and seq_len is not None and seq_len > config.max_position_embeddings:
         factor = scaling["factor"]
         base = base * ((factor * seq_len / config.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # On the CPU even while a model is built on the meta device (the callers move the result): the meta kernels of
+    # these ops are Python code whose first call imports torch's compiler stack, seconds of a small model's load.
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     if rope_type == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif rope_type == "llama3":
@@ -75,7 +77,7 @@ class Rotary(nn.Module):
         super().__init__()
         self.config = config
         self.dynamic = (config.rope_scaling or {}).get("rope_type") == "dynamic"
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config).to(torch.get_default_device()), persistent=False)
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute ``inv_freq`` (it is not in checkpoints; after a meta-device load it must be rebuilt)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ..config import LlavaConfig, read_json
 from ..model import Llava
@@ -55,9 +56,23 @@ def check_state(expected: dict[str, torch.Size], found: dict[str, torch.Size], w
         raise CheckpointError(f"{where}: " + "; ".join(problems) + (f". {hint}" if hint else ""))
 
 
+class _SkipInitOnMeta(TorchFunctionMode):
+    """Skips ``normal_`` on meta tensors while a model is built: they hold no values to draw, and its meta kernel
+    is written in Python behind ``torch._disable_dynamo``, whose first call imports the compiler stack (dynamo,
+    inductor, sympy: ~800 modules, most of a small model's load time)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.nn.init.normal_, torch.Tensor.normal_):
+            tensor = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
+                return tensor
+        return func(*args, **kwargs)
+
+
 def build_empty(config: LlavaConfig) -> Llava:
     """A ``Llava`` with parameters on the meta device: shapes only, no memory."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInitOnMeta():
         return Llava(config)
 
 
