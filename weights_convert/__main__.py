@@ -2,6 +2,9 @@
 
 python -m weights_convert SRC DST [--vision-tower CLIP_DIR]   llava-hf or original LLaVA -> minillava
 python -m weights_convert --to hf SRC DST [--pad-vocab]       minillava -> llava-hf
+
+SRC (and CLIP_DIR) may be a Hugging Face hub id such as llava-hf/llava-1.5-7b-hf, read from the hub cache
+(downloaded when online). "minillava convert" is the same command.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from minillava.hub import resolve
 from minillava.layouts import detect
 from minillava.progress import ProgressBar
 from minillava.safetensors_io import DTYPES
@@ -38,18 +42,19 @@ def parse_size(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m weights_convert") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m weights_convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("src", type=Path, help="source checkpoint directory")
+    parser.add_argument("src", type=Path, help="source checkpoint directory, or a Hugging Face hub id")
     parser.add_argument("dst", type=Path, help="destination directory (must not exist or be empty, unless --force)")
     parser.add_argument("--to", choices=("minillava", "hf"), default="minillava", help="output layout")
     parser.add_argument(
         "--vision-tower",
         type=Path,
         metavar="CLIP_DIR",
-        help="CLIP checkpoint directory for original LLaVA weights without a tower (e.g. clip-vit-large-patch14-336)",
+        help="CLIP checkpoint directory (or hub id) for original LLaVA weights without a tower, e.g. "
+        "openai/clip-vit-large-patch14-336",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating weights (default: keep the source's)")
     parser.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE, help="largest output shard (default 2GB)")
@@ -63,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m weights_convert") -> int:
+    args = build_parser(prog).parse_args(argv)
     bar = ProgressBar(enabled=sys.stderr.isatty())
 
     def progress(i: int, n: int, path: Path) -> None:
@@ -76,15 +81,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.to == "hf":
             if args.vision_tower is not None:
                 raise ValueError("--vision-tower is for converting original LLaVA checkpoints, not for --to hf")
-            export_hf(args.src, args.dst, dtype, max_shard_bytes, args.force, args.pad_vocab, progress)
+            export_hf(resolve(args.src), args.dst, dtype, max_shard_bytes, args.force, args.pad_vocab, progress)
             origin = "minillava"
         else:
             if args.pad_vocab:
                 raise ValueError("--pad-vocab only applies to --to hf")
-            source = detect(args.src, vision_tower=args.vision_tower)
+            tower = None if args.vision_tower is None else resolve(args.vision_tower)
+            source = detect(resolve(args.src), vision_tower=tower)
             convert(source, args.dst, dtype, max_shard_bytes, args.force, progress)
             origin = source.name
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, ImportError) as err:
         if args.verbose:
             raise
         message = " ".join(str(err).split())  # one line, whatever the message holds

@@ -18,15 +18,15 @@ import torch
 
 from .chat import default_template_for
 from .config import LlavaConfig
+from .device import resolve_device
+from .hub import resolve
 from .layouts import detect, load_source
-from .layouts.source import cast
+from .layouts.source import cast, cast_dtype, plan
 from .model import Llava
 from .safetensors_io import (
     DEFAULT_SHARD_BYTES,
     atomic_directory,
     dtype_name,
-    safetensors_files,
-    safetensors_header,
     write_state,
 )
 
@@ -53,10 +53,21 @@ def carried_files(directory: str | os.PathLike) -> list[Path]:
     return [directory / name for name in CARRIED_FILES if (directory / name).is_file()]
 
 
+def _source(path: str | os.PathLike, vision_tower: str | os.PathLike | None):
+    """The layout reader of a checkpoint directory or hub id (and of the CLIP tower's, for original LLaVA)."""
+    return detect(resolve(path), None if vision_tower is None else resolve(vision_tower))
+
+
 def load_config(path: str | os.PathLike, vision_tower: str | os.PathLike | None = None) -> LlavaConfig:
-    """The ``LlavaConfig`` of a checkpoint directory of any layout, as :func:`load` builds the model from it (image
-    settings, placeholder id, chat template and generation defaults included)."""
-    return detect(Path(path), vision_tower).config()
+    """The ``LlavaConfig`` of a checkpoint directory of any layout (or hub id), as :func:`load` builds the model
+    from it (image settings, placeholder id, chat template and generation defaults included)."""
+    return _source(path, vision_tower).config()
+
+
+def weights_bytes(path: str | os.PathLike) -> int:
+    """The size of a checkpoint directory's weight files (safetensors or ``.bin``), for messages."""
+    directory = Path(path)
+    return sum(p.stat().st_size for p in directory.iterdir() if p.suffix in (".safetensors", ".bin"))
 
 
 def load(
@@ -72,13 +83,14 @@ def load(
 
     Args:
         path: a directory written by ``python -m weights_convert`` or :func:`minillava.save`, or a llava-hf /
-            original LLaVA checkpoint directory.
+            original LLaVA checkpoint directory, or a Hugging Face hub id such as ``llava-hf/llava-1.5-7b-hf``
+            (:mod:`minillava.hub`).
         dtype: cast floating weights to this dtype (default: keep the stored dtype).
-        device: where the weights go.
+        device: where the weights go: a torch device, or ``"auto"`` (:func:`minillava.device.resolve_device`).
         vision_tower: for an original LLaVA directory whose weights lack the vision tower, the CLIP checkpoint
-            directory to take it from.
+            directory (or hub id) to take it from.
     """
-    return load_source(detect(Path(path), vision_tower), dtype, device)
+    return load_source(_source(path, vision_tower), dtype, resolve_device(device))
 
 
 def write_checkpoint(
@@ -116,17 +128,19 @@ def save(
             shutil.copy2(extra, tmp / Path(extra).name)
 
 
-def describe_checkpoint(path: str | os.PathLike) -> dict:
-    """What ``minillava info`` prints, from ``config.json`` and the safetensors headers (no weights are read)."""
-    path = Path(path)
-    config = LlavaConfig.load(path)
+def describe_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | None = None) -> dict:
+    """What ``minillava info`` prints, for a checkpoint of any layout (or hub id), from its config and the weight
+    files' headers (no weights are read; a ``.bin`` pickle is mapped for its tensors' shapes)."""
+    source = _source(path, vision_tower)
+    path = source.directory
+    config = source.config()
     parts = {"vision": 0, "projector": 0, "llm": 0}
     dtypes: dict[str, int] = {}
-    for file in safetensors_files(path):
-        for name, (meta, _) in safetensors_header(file).items():
-            part = name.split(".", 1)[0]
-            parts[part] = parts.get(part, 0) + meta.numel
-            dtypes[dtype_name(meta.dtype)] = dtypes.get(dtype_name(meta.dtype), 0) + meta.numel
+    for _, planned in plan(source, config):
+        for p in planned:
+            part, dtype = p.ours.split(".", 1)[0], dtype_name(cast_dtype(p.meta.dtype, p.target(None)))
+            parts[part] = parts.get(part, 0) + p.meta.numel
+            dtypes[dtype] = dtypes.get(dtype, 0) + p.meta.numel
     t, v = config.text, config.vision
     return {
         "path": str(path),

@@ -1,11 +1,14 @@
-"""The ``minillava`` command: generate, chat, info, train.
+"""The ``minillava`` command: generate, chat, info, train, convert.
 
     minillava generate --model DIR --image cat.jpg --prompt "What is in this image?"
     minillava chat --model DIR [--image cat.jpg]
     minillava info --model DIR
     minillava train ...            (see minillava train --help)
+    minillava convert SRC DST      (python -m weights_convert; see minillava convert --help)
 
-Errors are one line on stderr and a non-zero exit status.
+``--model`` takes a converted directory, an unconverted llava-hf or original LLaVA one, or a hub id. torch is
+imported only by the commands that run a model, so ``--help`` answers at once. Errors are one line on stderr and
+a non-zero exit status.
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ from pathlib import Path
 
 from .chat import TEMPLATES
 from .config import BUNDLED_MODEL
-from .safetensors_io import DTYPES
+from .device import DEVICE_CHOICES
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # minillava.safetensors_io.DTYPES, without importing torch
 
 CHAT_HELP = """\
 Commands inside the chat:
-  /image PATH   attach an image to your next message
+  /image PATH   attach an image to your next message (a second /image before you send replaces it)
   /reset        start a new conversation
   /quit         leave (Ctrl-D works too)
+Images stay in the conversation; LLaVA-1.5 models were trained with one image per conversation, so /reset
+before asking about a new one. Arrow keys edit the line and recall earlier ones.
 Ctrl-C stops the answer being generated, not the program."""
 
 
@@ -32,12 +39,22 @@ class CliError(Exception):
     """An error to report as one line, without a traceback."""
 
 
-def _model_dir(value: str | None) -> Path:
+def _model_dir(value: str | None) -> str | Path:
     if value is not None:
-        return Path(value)
+        return value
     if (BUNDLED_MODEL / "config.json").is_file():
         return BUNDLED_MODEL
     raise CliError("no --model given and no bundled model found")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("minillava")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _positive_int(text: str) -> int:
@@ -54,8 +71,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         metavar="DIR",
-        help="a converted minillava checkpoint directory (python -m weights_convert SRC DIR); default: the bundled "
-        "shapes model, if installed",
+        help="a checkpoint directory (converted, or an unconverted llava-hf or original LLaVA one) or a Hugging Face "
+        "hub id such as llava-hf/llava-1.5-7b-hf; default: the bundled shapes model, if installed",
     )
 
 
@@ -79,7 +96,14 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only")
     p.add_argument("--seed", type=int, metavar="S", help="seed for sampling (same seed, same answer)")
     p.add_argument(
-        "--dtype", choices=sorted(DTYPES), help="weights' dtype (default: as stored; bfloat16 halves fp32 memory)"
+        "--dtype", choices=DTYPE_NAMES, help="weights' dtype (default: as stored; bfloat16 halves fp32 memory)"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        metavar="DEV",
+        help=f"where the model runs: {', '.join(DEVICE_CHOICES)} or cuda:N (default: auto, a CUDA GPU when there "
+        "is one, else the CPU)",
     )
     p.add_argument(
         "--compile",
@@ -97,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="minillava: a small, exact and fast pure-PyTorch LLaVA.",
         epilog="Run 'minillava COMMAND --help' for a command's options.",
     )
+    parser.add_argument("--version", action="version", version=f"minillava {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     gen = sub.add_parser(
@@ -140,17 +165,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="Forwarded to minillava.train; run 'minillava train --help' for its options.",
         add_help=False,
     )
+    sub.add_parser(
+        "convert",
+        help="convert a checkpoint to the minillava layout, or export one to llava-hf (see 'minillava convert --help')",
+        description="The same as python -m weights_convert; run 'minillava convert --help' for its options.",
+        add_help=False,
+    )
     return parser
 
 
 def _pipeline(args: argparse.Namespace):
     import torch
 
+    from .checkpoint import weights_bytes
+    from .device import resolve_device
+    from .hub import resolve
     from .pipeline import Pipeline
+    from .progress import human_bytes, notice_if_slow
+    from .safetensors_io import DTYPES
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return Pipeline(_model_dir(args.model), dtype=DTYPES.get(args.dtype), template=args.template, compile=args.compile)
+    device = resolve_device(args.device)
+    path = resolve(_model_dir(args.model))  # a hub id may download here, with the hub client's progress bars
+    dtype = DTYPES.get(args.dtype)
+    size = human_bytes(weights_bytes(path)) if path.is_dir() else "?"
+    message = f"loading {path} ({size}{f' as {args.dtype}' if dtype else ''}) on {device}..."
+    with notice_if_slow(message):
+        return Pipeline(path, dtype=dtype, device=device, template=args.template, compile=args.compile)
 
 
 def _gen_kwargs(args: argparse.Namespace) -> dict:
@@ -182,11 +224,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     _check_images(args.image)
+    try:
+        import readline  # noqa: F401  (input() then edits lines and recalls earlier ones with the arrow keys)
+    except ImportError:  # not on every platform
+        pass
     pipe = _pipeline(args)
     conv = pipe.conversation(system=args.system)
     pending: list[str] = list(args.image)
     gen = _gen_kwargs(args)
     print(f"minillava chat ({pipe.path}, template {pipe.template.name}). /quit or Ctrl-D to leave, /help for commands.")
+    print("/image PATH attaches an image to your next message; images stay in the conversation until /reset.")
     while True:
         try:
             line = input("USER: ")
@@ -214,8 +261,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 elif not Path(path).is_file():
                     print(f"{path}: no such image file")
                 else:
-                    pending.append(path)
-                    print(f"(image {path} will go with your next message)")
+                    print(_attach_message(path, pending, len(conv.pixels)))
+                    pending = [path]
             elif command == "/help":
                 print(CHAT_HELP)
             else:
@@ -240,6 +287,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
             sys.stdout.write(f"\nerror: {_one_line(err)}")
         sys.stdout.write("\n")
         sys.stdout.flush()
+
+
+def _attach_message(path: str, pending: list[str], in_conversation: int) -> str:
+    """What attaching ``path`` does, said on screen: it replaces an image not sent yet, and joins the images the
+    conversation already has (which LLaVA-1.5 models were not trained for)."""
+    if pending:
+        text = f"(image {path} replaces {', '.join(pending)} for your next message)"
+    else:
+        text = f"(image {path} will go with your next message)"
+    if in_conversation:
+        text += (
+            f"\n(the conversation already has {in_conversation} image(s) and keeps them; LLaVA-1.5 models were "
+            "trained with one image per conversation: /reset first to ask about this one alone)"
+        )
+    return text
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -287,6 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .train import main as train_main  # lazy: training pulls in more than inference needs
 
         return train_main(argv[1:])
+    if argv and argv[0] == "convert":
+        from weights_convert.__main__ import main as convert_main
+
+        return convert_main(argv[1:], prog="minillava convert")
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
@@ -295,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (CliError, ValueError, OSError, KeyError) as err:
+    except (CliError, ValueError, OSError, KeyError, ImportError) as err:
         print(f"minillava {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 1
 

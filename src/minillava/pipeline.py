@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 
@@ -26,7 +25,9 @@ from .cache import KVCache
 from .chat import ChatTemplate, get_template
 from .checkpoint import load
 from .config import BUNDLED_MODEL
+from .device import resolve_device
 from .generate import GenerationConfig, resolve_eos, settings, stream_generate
+from .hub import resolve
 from .image import ImageInput, check_image_count, image_list, preprocess
 from .processor import Processor, load_processor
 from .tokenizer import IMAGE_MARKER
@@ -102,9 +103,11 @@ class Pipeline:
     """Model + processor + chat template of a converted checkpoint directory.
 
     Args:
-        path: a checkpoint directory (config.json, safetensors, tokenizer files); default: the bundled model.
+        path: a checkpoint directory of any layout minillava reads, or a Hugging Face hub id such as
+            ``llava-hf/llava-1.5-7b-hf`` (:mod:`minillava.hub`); default: the bundled model.
         dtype: weights' dtype (default: as stored). ``torch.bfloat16`` is how a 7B model fits a CPU machine.
-        device: where the model runs.
+        device: where the model runs: ``"auto"`` (a CUDA GPU when there is one, else the CPU), ``"cpu"``,
+            ``"cuda"``, ``"mps"`` or a ``torch.device`` (:func:`minillava.device.resolve_device`).
         template: a chat template name (default: the checkpoint's).
         image_mode: ``"crop"`` or ``"pad"`` to override the checkpoint's image preprocessing.
         generation: default generation settings; unset fields take the checkpoint's (``config.json``'s
@@ -116,7 +119,7 @@ class Pipeline:
         self,
         path: str | os.PathLike | None = None,
         dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "auto",
         template: str | ChatTemplate | None = None,
         image_mode: str | None = None,
         generation: GenerationConfig | None = None,
@@ -126,10 +129,10 @@ class Pipeline:
             if not (BUNDLED_MODEL / "config.json").is_file():
                 raise FileNotFoundError(f"no model path given and no bundled model at {BUNDLED_MODEL}")
             path = BUNDLED_MODEL
-        self.path = Path(path)
+        self.path = resolve(path)
         self.processor = load_processor(self.path, image_mode=image_mode)
         self.template = get_template(template) if template is not None else self.processor.template
-        self.model = load(self.path, dtype=dtype, device=device)
+        self.model = load(self.path, dtype=dtype, device=resolve_device(device))
         defaults = {k: v for k, v in self.model.config.generation.items() if k in _SETTINGS}
         self.generation = GenerationConfig(**defaults) if generation is None else generation
         self.compile = compile

@@ -18,6 +18,7 @@ import torch
 from .chat import ChatTemplate, default_template_for, get_template
 from .checkpoint import load_config
 from .config import ImageConfig
+from .hub import resolve
 from .image import DEFAULT_MAX_PIXELS, SINGLE_IMAGE_TYPES, ImageInput, check_image_count, image_list, preprocess
 from .tokenizer import IMAGE_MARKER, IncrementalDecoder, Tokenizer, pad_batch
 
@@ -184,13 +185,15 @@ def load_processor(
     """The processor of a checkpoint directory.
 
     Args:
-        path: a directory with ``config.json`` and the tokenizer files (``tokenizer.model``,
-            ``tokenizer_config.json``, ...): converted, or an unconverted llava-hf / original LLaVA directory.
+        path: a directory with ``config.json`` and the tokenizer files (``tokenizer.model`` or ``tokenizer.json``,
+            ``tokenizer_config.json``, ...): converted, or an unconverted llava-hf / original LLaVA directory, or a
+            Hugging Face hub id (:mod:`minillava.hub`).
         image_mode: ``"crop"`` or ``"pad"`` to override the checkpoint's preprocessing.
         max_pixels: refuse images with more pixels than this (``None``: no limit).
         template: a chat template name to use instead of the checkpoint's default.
         vision_tower: for an unconverted original LLaVA directory, the CLIP directory (as for ``minillava.load``).
     """
+    path = resolve(path)
     config = load_config(path, vision_tower)
     image_config = config.image
     if image_mode is not None:
