@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..checkpoint import load
 from ..config import LlavaConfig
 from ..model import IGNORE_INDEX, Llava
-from ..safetensors_io import iter_safetensors, safetensors_files
 
 
 class PeerFailed(RuntimeError):
@@ -90,8 +90,8 @@ def shard_and_fill(model: Llava, source: Path, rt: Runtime) -> None:
     fully_shard(model, mesh=mesh)
     model.to_empty(device=rt.device)
     full = {}
-    if rt.main:
-        full = {name: t.float() for name, t in iter_safetensors(safetensors_files(source))}
+    if rt.main:  # any layout minillava loads, mapped to minillava names
+        full = load(source, dtype=torch.float32).state_dict()
     set_model_state_dict(
         model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
     )

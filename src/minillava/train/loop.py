@@ -19,15 +19,16 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..checkpoint import load
-from ..config import LlavaConfig
+from ..checkpoint import load, load_config
 from ..data import Collator, LlavaDataset, group_by_length
+from ..hub import resolve
 from ..layouts.source import build_empty
 from ..model import IGNORE_INDEX, Llava, causal_lm_loss
 from ..processor import load_processor
 from ..progress import ProgressBar
 from .checkpoints import (
     STATE_FORMAT,
+    STATE_NAME,
     find_checkpoint,
     last_checkpoint,
     read_trainer_state,
@@ -35,8 +36,10 @@ from .checkpoints import (
     save_checkpoint,
     save_final,
 )
-from .config import STAGES, TrainConfig, parse_args, stage_template
+from .config import STAGES, TrainConfig, parse_args, resolve_precision, stage_template
 from .distributed import PeerFailed, Runtime, setup_runtime, shard_and_fill, with_dummy_image
+from .evaluate import evaluate
+from .interrupt import StopRequest, ignore_sigint, interrupted_message
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -94,7 +97,7 @@ def build_model(source: Path, cfg: TrainConfig, rt: Runtime) -> Llava:
     :func:`~minillava.train.distributed.shard_and_fill` gives it its shards.
     """
     if rt.distributed:
-        model = build_empty(LlavaConfig.load(source))
+        model = build_empty(load_config(source))
     else:
         model = load(source, dtype=torch.float32, device=rt.device)
     set_trainable(model, cfg.stage, cfg.train_vision)
@@ -175,7 +178,8 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
 
 
 def train(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
-    """Run a training job; returns ``{"losses": [...], "steps": int, "output": str, "skipped": int}``.
+    """Run a training job; returns ``{"losses": [...], "steps": int, "output": str, "skipped": int}`` (and
+    ``"interrupted": True`` when Ctrl-C stopped it after saving a checkpoint).
 
     ``losses`` are this run's per-step losses (global mean over supervised tokens). Raises
     :class:`NonFiniteLoss` with the step number when the loss or gradient norm stops being finite;
@@ -185,18 +189,19 @@ def train(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         cfg = TrainConfig(**cfg)
     rt = setup_runtime()
     try:
-        return _train(cfg, rt)
+        with StopRequest() as stop:
+            return _train(cfg, rt, stop)
     finally:
         rt.close()
 
 
-def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
+def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     output = Path(cfg.output)
     resume_dir = find_checkpoint(cfg.resume, output) if cfg.resume else None
-    source = resume_dir or Path(cfg.model)
+    source = resume_dir or resolve(cfg.model)  # any layout minillava loads, or a hub id
 
-    config = LlavaConfig.load(source)
+    config = load_config(source)
     template = cfg.template or stage_template(cfg.stage, config.chat_template)
     processor = load_processor(source, image_mode=cfg.image_mode, template=template)
     config.image = processor.image_config
@@ -210,6 +215,16 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
         refuse_long=cfg.refuse_long,
         skip_bad_samples=cfg.skip_bad_samples,
     )
+    eval_set = None
+    if cfg.eval_data:
+        eval_set = LlavaDataset(
+            cfg.eval_data,
+            cfg.image_folder,
+            processor,
+            template=template,
+            max_length=cfg.max_length,
+            skip_bad_samples=cfg.skip_bad_samples,
+        )
     pad_id = processor.pad_token_id
     collator = Collator(pad_id)
     sampler = DistributedSampler(dataset, num_replicas=rt.world, rank=rt.rank, shuffle=True, seed=cfg.seed)
@@ -227,14 +242,18 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
         state = read_trainer_state(resume_dir, global_batch)
         restore_optimizer(model, optimizer, resume_dir, state, rt)
         step, epoch, epoch_samples = state["step"], state["epoch"], state["epoch_samples"]
-    log_path = output / "log.jsonl"
+    log_path, eval_path = output / "log.jsonl", output / "eval.jsonl"
     if rt.main:
-        start_log(log_path, resumed_at=step if resume_dir is not None else None)
-    progress = ProgressBar(cfg.log_every, cfg.progress and rt.main)
-    autocast = torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        for path in (log_path, eval_path):
+            start_log(path, resumed_at=step if resume_dir is not None else None)
+    progress = ProgressBar(cfg.log_every, cfg.progress and rt.main, first=step)
+    precision = resolve_precision(cfg.precision, rt.device.type)
+    autocast = torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     trainable = [p for p in model.parameters() if p.requires_grad]
     losses: list[float] = []
+    smoothed: float | None = None
     skipped_total = dataset.skipped_at_start
+    evaluated_at = -1
 
     def trainer_state() -> dict[str, Any]:
         return {
@@ -247,6 +266,21 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             "world_size": rt.world,
             "config": dataclasses.asdict(cfg),
         }
+
+    def save_now() -> Path:
+        path = output / f"checkpoint-{step}"
+        save_checkpoint(model, optimizer, rt, path, config, source, trainer_state())
+        return path
+
+    def run_eval() -> None:
+        nonlocal evaluated_at
+        result = evaluate(model, eval_set, cfg.batch_size, autocast, rt.device, exact_match=not rt.distributed)
+        evaluated_at = step
+        if rt.main:
+            progress.note(f"step {step}: {result.summary()}")
+            record = {"step": step, "loss": result.loss, "tokens": result.tokens, "exact": result.exact}
+            with eval_path.open("a") as f:
+                f.write(json.dumps({**record, "short_answers": result.short, "time": time.time()}) + "\n")
 
     while step < total_steps:
         sampler.set_epoch(epoch)
@@ -262,6 +296,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
                 sampler=indices,
                 collate_fn=collator,
                 num_workers=cfg.num_workers,
+                worker_init_fn=ignore_sigint if cfg.num_workers else None,
             )
         )
         while step < total_steps:
@@ -270,16 +305,24 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             consumed = min(remaining, cfg.batch_size * len(micro))
             remaining -= consumed
             # One all-reduce carries what every process must agree on before any forward pass.
-            counts = [0.0, 0.0, 0.0, 1.0 if error else 0.0, float(len(micro))]
+            counts = [0.0, 0.0, 0.0, 1.0 if error else 0.0, float(len(micro)), float(stop.requested)]
             for b in micro:
                 counts[0] += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
                 counts[1] += int(b["attention_mask"].sum())
                 counts[2] += b["skipped"]
-            supervised, tokens, skipped, failed, n_micro = rt.all_sum(counts)
+            supervised, tokens, skipped, failed, n_micro, stopping = rt.all_sum(counts)
             if failed:
                 if error is not None:
                     raise error
                 raise PeerFailed("stopping: another process failed to load its data (its error is above)")
+            if stopping:  # Ctrl-C on some process: save where the last step left off (this batch is not used)
+                path = output / f"checkpoint-{step}"
+                if step and not (path / STATE_NAME).is_file():
+                    save_now()
+                if rt.main:
+                    progress.note(interrupted_message(step, path))
+                result = {"losses": losses, "steps": step, "output": str(output), "skipped": skipped_total}
+                return {**result, "interrupted": True}
             if n_micro == 0:  # the end of the epoch
                 epoch, epoch_samples = epoch + 1, 0
                 break
@@ -327,10 +370,19 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
                 }
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-            progress.update(step, total_steps, f"steps | loss {loss:.4f} | lr {lr:.3g} | {tokens_per_s:,.0f} tok/s")
+            smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+            progress.update(
+                step,
+                total_steps,
+                f"steps | loss {loss:.4f} (smoothed {smoothed:.4f}) | lr {lr:.3g} | {tokens_per_s:,.0f} tok/s",
+            )
             if cfg.save_every and step % cfg.save_every == 0:
-                save_checkpoint(model, optimizer, rt, output / f"checkpoint-{step}", config, source, trainer_state())
+                save_now()
+            if eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                run_eval()
 
+    if eval_set is not None and evaluated_at != step:
+        run_eval()
     save_final(model, rt, output, config, source)
     if rt.main and skipped_total:
         print(f"skipped {skipped_total} bad sample(s) in all", file=sys.stderr)
@@ -345,11 +397,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         result = train(cfg)
-    except (ValueError, OSError, FloatingPointError, PeerFailed) as err:
+    except KeyboardInterrupt:
+        print("\nstopped without saving", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, FloatingPointError, PeerFailed, ImportError) as err:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
         print(f"{prefix}error: {err}", file=sys.stderr)
         return 1
+    if result.get("interrupted"):
+        return 130
     if result["losses"] and os.environ.get("RANK", "0") == "0":
         print(f"trained {result['steps']} steps; final loss {result['losses'][-1]:.4f}; model in {result['output']}")
     return 0
