@@ -107,14 +107,24 @@ def image_config_from_preprocessor(pre: dict[str, Any] | None, default_size: int
     )
 
 
+def json_object(config: dict[str, Any], key: str) -> dict[str, Any]:
+    """The nested object ``config[key]`` (``{}`` when absent or null)."""
+    value = config.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def config_from_hf(hf: dict[str, Any], preprocessor: dict[str, Any] | None = None) -> LlavaConfig:
     """A ``LlavaConfig`` from a llava-hf ``config.json`` (4.x or 5.x form)."""
-    text = hf.get("text_config") or {}
+    text = json_object(hf, "text_config")
     tie = bool(text.get("tie_word_embeddings", hf.get("tie_word_embeddings", False)))
     act = hf.get("projector_hidden_act", "gelu")
     if act != "gelu":
         raise ValueError(f"unsupported projector activation {act!r}; llava-hf projectors use 'gelu'")
-    vision = vision_config_from_hf(hf.get("vision_config") or {})
+    vision = vision_config_from_hf(json_object(hf, "vision_config"))
     image_token_id = hf.get("image_token_id", hf.get("image_token_index", 32000))
     return LlavaConfig(
         vision=vision,
@@ -152,7 +162,10 @@ class HfLlavaSource:
     def config(self) -> LlavaConfig:
         pre_path = self.directory / "preprocessor_config.json"
         pre = read_json(pre_path) if pre_path.is_file() else None
-        config = config_from_hf(self.hf_config, pre)
+        try:
+            config = config_from_hf(self.hf_config, pre)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{self.directory / 'config.json'}: {err}") from None
         gen_path = self.directory / "generation_config.json"
         if gen_path.is_file():
             config.generation = read_json(gen_path)
