@@ -21,7 +21,13 @@ from minillava.chat import default_template_for
 from minillava.config import LlavaConfig, VisionConfig, projector_depth
 
 from .convert import ConversionError, Part, TensorMeta, read_json, read_meta, weight_files
-from .hf_llava import CARRIED_FILES, image_config_from_preprocessor, text_config_from_hf, vision_config_from_hf
+from .hf_llava import (
+    CARRIED_FILES,
+    image_config_from_preprocessor,
+    template_source_path,
+    text_config_from_hf,
+    vision_config_from_hf,
+)
 from .keymaps import CLIP_V4, CLIP_V5, original_keymap
 
 TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
@@ -39,15 +45,6 @@ CLIP_VISION_DEFAULTS = {
 }
 # OpenAI CLIP ViTs (B/32, B/16, L/14, L/14-336) all use 64-wide attention heads.
 CLIP_HEAD_DIM = 64
-
-
-def template_source_path(directory: Path) -> str:
-    """The path whose name picks the chat template (original LLaVA's CLI rule, ``minillava.chat``); a Hugging Face
-    cache snapshot (``models--org--name/snapshots/<hash>``) stands for its repository ``org/name``."""
-    parts = directory.resolve().parts
-    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        return parts[-3][len("models--") :].replace("--", "/")
-    return str(directory.resolve())
 
 
 def clip_vision_fields(clip: dict[str, Any], path: Path) -> dict[str, Any]:
