@@ -36,8 +36,14 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def next_config(text: str = "mistral", pinpoints: list[list[int]] | None = None, **text_options: Any):
-    """A transformers ``LlavaNextConfig``: CLIP 3x32 at 28 px, a 2-layer Mistral (no sliding window) or LLaMA."""
+def next_config(
+    text: str = "mistral",
+    pinpoints: list[list[int]] | None = None,
+    vision: dict[str, Any] | None = None,
+    **text_options: Any,
+):
+    """A transformers ``LlavaNextConfig``: CLIP 3x32 at 28 px (``vision`` overrides its fields), a 2-layer Mistral
+    (no sliding window) or LLaMA (``text_options`` override its fields)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, MistralConfig
 
     fields = {
@@ -57,18 +63,19 @@ def next_config(text: str = "mistral", pinpoints: list[list[int]] | None = None,
         text_config = MistralConfig(**fields, sliding_window=None, rope_theta=1e6)
     else:
         text_config = LlamaConfig(**fields)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        image_size=TILE,
-        patch_size=PATCH,
-        projection_dim=16,
-    )
+    vision_fields = {
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "image_size": TILE,
+        "patch_size": PATCH,
+        "projection_dim": 16,
+        **(vision or {}),
+    }
     return LlavaNextConfig(
         text_config=text_config,
-        vision_config=vision,
+        vision_config=CLIPVisionConfig(**vision_fields),
         image_token_index=IMAGE_TOKEN_ID,
         image_grid_pinpoints=pinpoints or PINPOINTS,
     )
