@@ -5,8 +5,8 @@ The original code (``llava-torch``) cannot be installed beside transformers 5, s
 transformers: given original LLaVA's ``(width, height)`` pinpoints read as ``(height, width)`` in the same order,
 ``LlavaNextForConditionalGeneration`` tiles, picks grids and lays features out exactly as the original does (pixels
 bit-identical, logits within 2e-6, checked in the reference notes). The one rule left, the original's truncating
-``unpad_image``, is put in with :func:`original_unpad`. Sizes are scaled down from LLaVA-1.6's: 28-pixel tiles of 7-pixel
-patches (a 4 x 4 patch grid per tile) and the released pinpoints divided by 12.
+``unpad_image``, is put in with :func:`original_unpad`. Sizes are scaled down from LLaVA-1.6's: 28-pixel tiles of
+7-pixel patches (a 4 x 4 patch grid per tile) and the released pinpoints divided by 12.
 """
 
 from __future__ import annotations
