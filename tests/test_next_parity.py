@@ -108,6 +108,21 @@ def test_two_images_in_a_prompt_and_a_left_padded_batch(hf_pair):
     assert_close(got[1, -alone.shape[1] :], alone[0], rtol=0, atol=1e-5)
 
 
+def test_loss_on_a_right_padded_batch_matches_transformers(hf_pair):
+    hf, ours, _, _ = hf_pair
+    images = [[random_image(47, 188)], [random_image(30, 50, seed=1), random_image(20, 20, seed=2)]]
+    pixels = tf_image_processor()([image for row in images for image in row], return_tensors="pt")
+    rows = prompt_rows(ours.config, images, IMAGE_TOKEN_ID, seed=5)
+    longest = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (longest - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows])
+    labels = ids.masked_fill((mask == 0) | (ids == IMAGE_TOKEN_ID), -100)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, labels=labels, **pixels).loss
+        got = ours(ids, pixels["pixel_values"], mask, labels, image_sizes=pixels["image_sizes"]).loss
+    assert_close(got, expected, **FP32)
+
+
 def test_converted_config_and_template(hf_pair):
     _, ours, _, converted = hf_pair
     anyres = json.loads((converted / "config.json").read_text())["anyres"]

@@ -48,6 +48,7 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .anyres import num_tiles
 from .chat import TEMPLATES
 from .checkpoint import atomic_directory, build_empty, iter_safetensors, load, safetensors_files, write_state
 from .config import LlavaConfig
@@ -180,6 +181,8 @@ def set_trainable(model: Llava, stage: str, train_vision: bool = False) -> list[
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
+    if model.image_newline is not None:  # LLaVA-1.6's row end: part of the image-to-text connector
+        model.image_newline.requires_grad_(True)
     if stage == "finetune":
         model.llm.requires_grad_(True)
     if train_vision:
@@ -311,16 +314,24 @@ def with_dummy_image(batch: dict[str, Any], config: LlavaConfig, pad_token_id: i
         ids = torch.full((1, 1), pad_token_id, dtype=torch.long)
         labels = torch.full((1, 1), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((1, 1), dtype=torch.long)
+    size = config.vision.image_size
+    image: dict[str, Any] = {"pixel_values": torch.zeros((1, config.vision.num_channels, size, size))}
     k = config.num_image_tokens
+    if config.image.mode == "anyres":  # the same path as real images, image_newline included
+        tiles = num_tiles(size, size, config.anyres.grid_pinpoints, size)
+        k = config.anyres_token_count(size, size)
+        image = {
+            "pixel_values": torch.zeros((1, tiles, config.vision.num_channels, size, size)),
+            "image_sizes": torch.tensor([[size, size]]),
+        }
     extra_ids = torch.full((ids.shape[0], k), pad_token_id, dtype=torch.long)
     extra_ids[0] = config.image_token_id
-    size = config.vision.image_size
     return {
         **batch,
         "input_ids": torch.cat([ids, extra_ids], dim=1),
         "labels": F.pad(labels, (0, k), value=IGNORE_INDEX),
         "attention_mask": F.pad(mask, (0, k), value=0),
-        "pixel_values": torch.zeros((1, config.vision.num_channels, size, size)),
+        **image,
     }
 
 
@@ -476,6 +487,7 @@ def accumulate_gradients(
                 b["input_ids"].to(device),
                 None if pixels is None else pixels.to(device),
                 b["attention_mask"].to(device),
+                image_sizes=b.get("image_sizes"),
             ).logits
         total, _ = token_loss_sum(logits, b["labels"])
         if total.requires_grad:  # a text-only micro-batch in stage 1 reaches nothing that trains
@@ -698,7 +710,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument(
         "--template", help="chat template (default: plain for pretrain; for finetune the checkpoint's, else vicuna_v1)"
     )
-    p.add_argument("--image-mode", choices=("crop", "pad"), help="image preprocessing (default: the checkpoint's)")
+    p.add_argument(
+        "--image-mode", choices=("crop", "pad", "anyres"), help="image preprocessing (default: the checkpoint's)"
+    )
     p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 pretrain, 2e-5 finetune)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
