@@ -14,7 +14,8 @@ so that machine noise hits both alike. Timing comes from per-token timestamps: a
   decode rate, next to the machine's bandwidth measured here (a large tensor copy: bytes read + written);
 - chat turn 2: TTFT of a second turn reusing turn one's KV cache (only the new tokens are prefilled, the image
   is not encoded again) against recomputing the whole conversation;
-- with ``--compile``, a torch.compile'd decode step against the eager one (minillava only).
+- with ``--compile``, ``generate(..., compile=True)`` against the eager step: steady-state decode tok/s after
+  warm-up (alternating), and the compile time of the first call.
 
 This is a benchmark, never a test: the numbers depend on the machine and on whatever else runs on it (the load
 average is printed before and after).
@@ -38,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minillava  # noqa: E402
-from minillava.generate import _intra_op_threads, _threads_for, generate, generate_steps  # noqa: E402
+from minillava.generate import generate, stream_generate  # noqa: E402
 
 TINY_VISION = dict(
     hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=56, patch_size=14
@@ -155,10 +156,10 @@ def time_hf(hf, ids: torch.Tensor, pixels: torch.Tensor, n: int) -> list[float]:
     return [t - t0 for t in stamps.times[1:]]
 
 
-def time_ours(model, ids: torch.Tensor, pixels: torch.Tensor, n: int) -> list[float]:
+def time_ours(model, ids: torch.Tensor, pixels: torch.Tensor, n: int, compile: bool = False) -> list[float]:
     stamps = []
     t0 = time.perf_counter()
-    for _ in generate(model, ids, pixels, max_new_tokens=n, eos_token_id=[], stream=True):
+    for _ in stream_generate(model, ids, pixels, max_new_tokens=n, eos_token_id=[], compile=compile):
         stamps.append(time.perf_counter())
     return [t - t0 for t in stamps]
 
@@ -194,65 +195,35 @@ def decode_bytes(model, context: int) -> int:
 
 
 def chat_turn(model, ids: torch.Tensor, pixels: torch.Tensor, answer: int, follow_up: int, runs: int):
-    """TTFT of turn two, reusing turn one's cache vs recomputing everything. Token level, as Conversation runs it:
-    turn two = turn one's prompt + its answer + ``follow_up`` new tokens; the cache holds all but the answer's
-    last token (which was never fed)."""
-    owner = object()
-    steps = generate_steps(model, ids, pixels, max_new_tokens=answer, eos_token_id=[], owner=owner)
-    first = torch.cat([ids, torch.stack(list(steps), dim=1)], dim=1)
+    """TTFT of turn two, continuing turn one's KV cache vs recomputing everything. Token level, as Conversation
+    runs it: turn two = turn one's prompt + its answer + ``follow_up`` new tokens; the cache holds all but the
+    answer's last token (which was never fed)."""
+    cache = model.new_cache(1, ids.shape[1] + answer + follow_up + 8)
+    first = torch.cat([ids, generate(model, ids, pixels, max_new_tokens=answer, eos_token_id=[], cache=cache)], dim=1)
     tail = torch.randint(3, 1000, (1, follow_up), generator=torch.Generator().manual_seed(1))
     conversation = torch.cat([first, tail], dim=1)
     reuse, full = [], []
     for _ in range(runs):
-        for _ in generate_steps(model, ids, pixels, max_new_tokens=answer, eos_token_id=[], owner=owner):
-            pass  # turn one again: its prompt and answer are now in the cache
+        turn_one = cache.copy()
         t0 = time.perf_counter()
-        steps = generate_steps(
-            model, conversation, None, max_new_tokens=8, eos_token_id=[], cached_prefix=first.shape[1] - 1, owner=owner
-        )
-        next(steps)
+        next(stream_generate(model, conversation[:, turn_one.filled :], max_new_tokens=8, cache=turn_one))
         reuse.append(time.perf_counter() - t0)
-        steps.close()
         t0 = time.perf_counter()
-        next(generate_steps(model, conversation, pixels, max_new_tokens=8, eos_token_id=[]))
+        next(stream_generate(model, conversation, pixels, max_new_tokens=8, eos_token_id=[]))
         full.append(time.perf_counter() - t0)
     return statistics.median(reuse), statistics.median(full), conversation.shape[1]
 
 
-def compiled_decode(model, ids: torch.Tensor, pixels: torch.Tensor, steps: int = 30) -> tuple[float, float, float]:
-    """Eager vs torch.compile'd decode step (ms) and the compile time (s): the layers called directly with the
-    attention end as an int, which compile can treat as a dynamic size."""
-    llm = model.llm
-    for _ in generate(model, ids, pixels, max_new_tokens=1, eos_token_id=[]):
-        pass  # the prompt is in the cache
-
-    def step(token, pos, slot, end: int):
-        x = llm.embed_tokens(token)
-        cos, sin = llm.rotary(pos, x.dtype)
-        for layer in llm.layers:
-            x = layer(x, cos, sin, None, slot, end)
-        return llm.logits(llm.norm(x)[:, -1]).float().argmax(-1)
-
-    compiled = torch.compile(step, dynamic=True)
-    length = ids.shape[1]
-    slots = torch.arange(length + steps + 2)
-    token = torch.tensor([[5]])
-    # The same intra-op thread choice as generation makes for this decoder.
-    threads = _threads_for(llm.layers, llm.lm_head if llm.lm_head is not None else llm.embed_tokens)
-    with torch.inference_mode(), _intra_op_threads(threads):
-        t0 = time.perf_counter()
-        for i in range(2):
-            compiled(token, torch.tensor([[length + i]]), slots[length + i : length + i + 1], length + i + 1)
-        compile_s = time.perf_counter() - t0
-        result = []
-        for fn in (step, compiled):
-            times = []
-            for i in range(steps):
-                t0 = time.perf_counter()
-                fn(token, torch.tensor([[length + i]]), slots[length + i : length + i + 1], length + i + 1)
-                times.append(time.perf_counter() - t0)
-            result.append(1e3 * statistics.median(times))
-    return result[0], result[1], compile_s
+def compiled_decode(model, ids: torch.Tensor, pixels: torch.Tensor, n: int, runs: int) -> tuple[float, float, float]:
+    """Decode tok/s with the eager and the ``compile=True`` step (medians, alternating), and the seconds the
+    first compiled call takes beyond an eager one (the compile)."""
+    eager_first = time_ours(model, ids, pixels, n)[-1]
+    compile_s = time_ours(model, ids, pixels, n, compile=True)[-1] - eager_first
+    eager, compiled = [], []
+    for _ in range(runs):
+        eager.append(decode_rate(time_ours(model, ids, pixels, n)))
+        compiled.append(decode_rate(time_ours(model, ids, pixels, n, compile=True)))
+    return statistics.median(eager), statistics.median(compiled), compile_s
 
 
 def bench(shape: Shape, hf, ours, try_compile: bool) -> dict:
@@ -283,7 +254,7 @@ def bench(shape: Shape, hf, ours, try_compile: bool) -> dict:
         "turn2": (reuse, full, turn2_len),
     }
     if try_compile:
-        out["compile"] = compiled_decode(ours, ids, pixels)
+        out["compile"] = compiled_decode(ours, ids, pixels, shape.new_tokens, shape.runs)
     return out
 
 
@@ -335,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(rows[-1], flush=True)
                 if "compile" in result:
                     eager, comp, secs = result["compile"]
+                    hf_rate = result["rate"]["hf"]
                     compiled.append(
-                        f"{shape.name}: eager {eager:.2f} ms/step, compiled {comp:.2f} ms/step, compile {secs:.0f} s"
+                        f"| {shape.name} | {eager:.1f} | {comp:.1f} | {comp / eager:.2f}x | {comp / hf_rate:.2f}x "
+                        f"| {secs:.0f} |"
                     )
                     print(compiled[-1], flush=True)
                 del ours
@@ -347,7 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     print("\n".join(rows))
     if compiled:
-        print("\n" + "\n".join(compiled))
+        print(
+            "\n| shape | decode tok/s eager | decode tok/s compiled | compiled / eager | compiled / transformers "
+            "| compile s |\n|---|---|---|---|---|---|"
+        )
+        print("\n".join(compiled))
     return 0
 
 

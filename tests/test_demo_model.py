@@ -55,7 +55,9 @@ def test_examples_answer_correctly(bundled):
         prompt = processor.format_chat([{"role": "user", "content": f"<image>\n{ex['question']}"}])
         enc = processor([prompt], [[str(ASSET_DIR / ex["image"])]])
         with torch.no_grad():
-            ids = generate(model, enc["input_ids"], enc["pixel_values"], enc["attention_mask"], MAX_NEW_TOKENS)
+            ids = generate(
+                model, enc["input_ids"], enc["pixel_values"], enc["attention_mask"], max_new_tokens=MAX_NEW_TOKENS
+            )
         text = processor.decode(ids[0], skip_special_tokens=True)
         assert answers_match(text, ex["answer"]), (ex, text)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minillava.generate import generate, process_logits, sample_next
+from minillava.generate import GenerationConfig, generate, process_logits, sample_next, stream_generate
 from tests.hf_reference import IMAGE_TOKEN_ID, convert_hf, make_hf_model
 
 PAD = 0
@@ -54,6 +54,7 @@ def hf_greedy(hf, ids, mask, pixels, max_new_tokens, eos):
             do_sample=False,
             pad_token_id=PAD,
             eos_token_id=eos,
+            suppress_tokens=[IMAGE_TOKEN_ID],  # minillava never generates the image placeholder
         )
     return out[:, ids.shape[1] :]
 
@@ -125,7 +126,7 @@ def test_generation_ends_when_every_row_has_finished(pair):
     free = generate(ours, ids, max_new_tokens=10, eos_token_id=[])
     eos = int(free[0, 4])
     stop = free[0].tolist().index(eos)
-    got = generate(ours, ids, max_new_tokens=10, eos_token_id=[eos, 10_000])
+    got = generate(ours, ids, max_new_tokens=10, eos_token_id=[eos, IMAGE_TOKEN_ID])  # the second never comes
     assert got.tolist() == [free[0, : stop + 1].tolist()]
     # None takes the checkpoint's EOS (id 2 in these configs).
     assert ours.config.text.eos_token_id == 2
@@ -140,9 +141,7 @@ def test_stream_yields_the_same_tokens(pair):
     ids, mask = left_pad(rows)
     pixels = torch.cat([p for p in images if p is not None])
     whole = generate(ours, ids, pixels, attention_mask=mask, max_new_tokens=9, temperature=0.8, seed=5)
-    steps = list(
-        generate(ours, ids, pixels, attention_mask=mask, max_new_tokens=9, temperature=0.8, seed=5, stream=True)
-    )
+    steps = list(stream_generate(ours, ids, pixels, attention_mask=mask, max_new_tokens=9, temperature=0.8, seed=5))
     assert all(s.shape == (3,) for s in steps)
     assert torch.stack(steps, dim=1).tolist() == whole.tolist()
 
@@ -198,25 +197,52 @@ def test_prefill_once_and_lm_head_only_where_needed(pair, monkeypatch):
     ids = rows[2][None]
     encodes, logit_rows = [], []
     encode, logits = ours.encode_images, ours.llm.logits
-    monkeypatch.setattr(ours, "encode_images", lambda px: encodes.append(px.shape[0]) or encode(px))
+    monkeypatch.setattr(ours, "encode_images", lambda px, *sizes: encodes.append(px.shape[0]) or encode(px, *sizes))
     monkeypatch.setattr(ours.llm, "logits", lambda h: logit_rows.append(tuple(h.shape)) or logits(h))
-    ours.clear_cache()  # (a large enough cache from an earlier call would be reused as is)
-    out = generate(ours, ids, images[2], max_new_tokens=6, eos_token_id=[])
+    cache = ours.new_cache(1, 4)  # too short: generation grows it to fit prompt + max_new_tokens
+    out = generate(ours, ids, images[2], max_new_tokens=6, eos_token_id=[], cache=cache)
     assert encodes == [2]  # both images, encoded once, in the prefill
-    assert logit_rows == [(1, ours.config.text.hidden_size)] * 6  # one row of logits per generated token
-    assert ours.llm.cache_len == ids.shape[1] + 6  # the cache fits prompt + max_new_tokens
-    assert not ours.llm.layers[0].self_attn.kv_cache.k.is_inference()  # usable by plain no_grad callers too
+    assert logit_rows == [(1, 1, ours.config.text.hidden_size)] * 6  # one row of logits per generated token
+    assert cache.max_len >= ids.shape[1] + 6
+    assert cache.filled == ids.shape[1] + 5  # every token fed: the prompt and all answer tokens but the last
+    assert not cache.keys[0].is_inference()  # usable by plain no_grad callers too
     assert out.shape == (1, 6)
 
 
-def test_a_paused_stream_notices_another_generation(pair):
+def test_generation_continues_a_cache_it_is_given(pair):
     _, ours = pair
-    ids = text(6, 8)[None]
-    stream = generate(ours, ids, max_new_tokens=5, eos_token_id=[], stream=True)
-    next(stream)
-    generate(ours, text(4, 9)[None], max_new_tokens=3, eos_token_id=[])
-    with pytest.raises(RuntimeError, match="another generation on this model started"):
-        next(stream)
+    first, second = text(9, 12)[None], text(4, 13)[None]
+    cache = ours.new_cache(1, 40)
+    a = generate(ours, first, max_new_tokens=5, eos_token_id=[], cache=cache)
+    cache.crop(first.shape[1])  # keep the prompt only, then continue with other tokens
+    b = generate(ours, second, max_new_tokens=5, eos_token_id=[], cache=cache)
+    assert b.tolist() == generate(ours, torch.cat([first, second], dim=1), max_new_tokens=5, eos_token_id=[]).tolist()
+    assert a.shape == (1, 5)
+
+
+def test_generated_tokens_are_never_the_image_placeholder(pair):
+    _, ours = pair
+    head = ours.llm.lm_head.weight
+    saved = head[IMAGE_TOKEN_ID].clone()
+    with torch.no_grad():
+        head[IMAGE_TOKEN_ID] = head.abs().max() * 50  # the placeholder would win every step
+    try:
+        out = generate(ours, text(5, 14)[None], max_new_tokens=6, eos_token_id=[])
+    finally:
+        with torch.no_grad():
+            head[IMAGE_TOKEN_ID] = saved
+    assert IMAGE_TOKEN_ID not in out.tolist()[0]
+
+
+def test_settings_come_as_a_config_or_as_keywords(pair):
+    _, ours = pair
+    ids = text(6, 15)[None]
+    config = GenerationConfig(max_new_tokens=7, temperature=0.7, top_k=9, seed=4, eos_token_id=[])
+    assert (
+        generate(ours, ids, config=config).tolist()
+        == generate(ours, ids, max_new_tokens=7, temperature=0.7, top_k=9, seed=4, eos_token_id=[]).tolist()
+    )
+    assert generate(ours, ids, config=config, max_new_tokens=3).shape == (1, 3)  # keywords override the config
 
 
 @pytest.mark.parametrize(
@@ -227,6 +253,9 @@ def test_a_paused_stream_notices_another_generation(pair):
         ({"top_p": 0.0}, "top_p must be in (0, 1]"),
         ({"top_p": 1.5}, "got 1.5"),
         ({"top_k": 0}, "top_k must be an integer >= 1"),
+        ({"seed": 2**64}, "seed must be an integer in [0, 2**64)"),
+        ({"eos_token_id": 2.0}, "eos_token_id must be an int, a list of ints, or None; got 2.0"),
+        ({"eos_token_id": [2, 500]}, "eos_token_id [500] outside the vocabulary [0, 96)"),
         (
             {"max_new_tokens": 250},
             "the prompt is 18 tokens and max_new_tokens is 250: 268 exceeds the context window of 256",
@@ -248,4 +277,4 @@ def test_errors_name_the_numbers(pair, kwargs, message):
         generate(ours, ids, **args)
     assert message in str(err.value)
     with pytest.raises(ValueError):  # streaming checks up front too, before the first token
-        generate(ours, ids, stream=True, **args)
+        stream_generate(ours, ids, **args)

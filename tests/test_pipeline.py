@@ -107,7 +107,7 @@ def test_stop_string_is_cut_and_ends_generation(ckpt, images):
     assert len(steps) < 30  # generation stopped at the stop string, not at max_new_tokens
     # In a batch the row that meets the stop string finishes; the others go on as they would alone.
     prompts, groups = ["Describe the image.", "Tell me a story."], [images[:1], []]
-    batched = stopped.chat(prompts, images=groups, max_new_tokens=30)
+    batched = stopped.chat_batch(prompts, images=groups, max_new_tokens=30)
     assert batched[0] == cut
     assert batched[1] == stopped.chat(prompts[1], max_new_tokens=30)
 
@@ -135,7 +135,7 @@ def test_text_row_holds_back_a_possible_stop_string(pipe):
 def test_batch_chat_equals_each_prompt_alone(pipe, images):
     prompts = ["What is this?", "Say something long about nothing at all.", "Compare <image> with <image>."]
     groups = [images[:1], [], images]
-    batched = pipe.chat(prompts, images=groups, max_new_tokens=12)
+    batched = pipe.chat_batch(prompts, images=groups, max_new_tokens=12)
     alone = [pipe.chat(p, images=g, max_new_tokens=12) for p, g in zip(prompts, groups, strict=True)]
     assert batched == alone
 
@@ -147,7 +147,7 @@ def test_second_turn_reuses_the_cache(pipe, images, monkeypatch):
     assert conv.last_prefill > pipe.processor.num_image_tokens
     encoded = []
     encode = pipe.model.encode_images
-    monkeypatch.setattr(pipe.model, "encode_images", lambda px: encoded.append(len(px)) or encode(px))
+    monkeypatch.setattr(pipe.model, "encode_images", lambda px, *sizes: encoded.append(len(px)) or encode(px, *sizes))
     second = conv.chat("And what color is it?", max_new_tokens=16)
     assert encoded == []  # the image is not encoded again
     first_prompt = len(pipe.processor.encode(pipe.template.format(conv.messages[:1])))
@@ -163,12 +163,18 @@ def test_second_turn_reuses_the_cache(pipe, images, monkeypatch):
     assert fresh.last_prefill == n_new
 
 
-def test_turn_after_another_generation_recomputes(pipe, images):
+def test_other_generations_leave_a_conversation_cache_alone(pipe, images):
     conv = pipe.conversation()
     conv.chat("What is in this image?", images=images[:1], max_new_tokens=8)
-    pipe.chat("Unrelated question.", max_new_tokens=4)  # overwrites the model's cache
-    conv.chat("And then?", max_new_tokens=8)
-    assert conv.last_prefill == len(pipe.processor.encode(pipe.template.format(conv.messages[:3])))
+    other = pipe.conversation()
+    other.chat("Unrelated question.", max_new_tokens=4)
+    pipe.chat("Another one.", max_new_tokens=4)
+    answer = conv.chat("And then?", max_new_tokens=8)
+    whole = len(pipe.processor.encode(pipe.template.format(conv.messages[:3])))
+    assert conv.last_prefill < whole - pipe.processor.num_image_tokens  # the first turn still came from the cache
+    fresh = pipe.conversation()
+    fresh.messages, fresh.pixels = list(conv.messages[:2]), list(conv.pixels)
+    assert fresh.chat("And then?", max_new_tokens=8) == answer
 
 
 def test_an_interrupted_answer_is_kept(pipe, images):
@@ -177,7 +183,16 @@ def test_an_interrupted_answer_is_kept(pipe, images):
     got = [next(pieces), next(pieces), next(pieces)]
     pieces.close()  # what Ctrl-C in the CLI does
     assert conv.messages[-1]["content"] == "".join(got).strip()
-    assert conv.chat("Go on.", max_new_tokens=4) is not None
+    assert conv.cache.filled == len(conv._cached)
+    # The next turn continues from the cut answer exactly as a conversation rebuilt from the messages does.
+    fresh = pipe.conversation()
+    fresh.messages, fresh.pixels = list(conv.messages), list(conv.pixels)
+    assert conv.chat("Go on.", max_new_tokens=6) == fresh.chat("Go on.", max_new_tokens=6)
+
+
+def test_chat_batch_takes_a_list_only(pipe):
+    with pytest.raises(ValueError, match="chat_batch takes a list of prompts"):
+        pipe.chat_batch("one prompt")
 
 
 def test_pipeline_errors(pipe, images):

@@ -72,13 +72,22 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         "--max-new-tokens",
         type=_positive_int,
         metavar="N",
-        help="the most tokens to generate (default: 512, or what the context window has left)",
+        help="the most tokens to generate (default: the checkpoint's, else 512; at most what the context window "
+        "has left)",
     )
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default); > 0 samples")
+    p.add_argument("--temperature", type=float, metavar="T", help="0 = greedy (the default); > 0 samples")
     p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep tokens up to probability P")
     p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only")
     p.add_argument("--seed", type=int, metavar="S", help="seed for sampling (same seed, same answer)")
     p.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: as stored; bfloat16 halves fp32 memory)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through a torch.compile'd step: compiling takes a while once, then each token is faster",
+    )
+    p.add_argument(
+        "--threads", type=_positive_int, metavar="N", help="torch intra-op threads (default: torch's, one per core)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,9 +149,13 @@ def _dtype(name: str | None):
 
 
 def _pipeline(args: argparse.Namespace):
+    import torch
+
     from .pipeline import Pipeline
 
-    return Pipeline(_model_dir(args.model), dtype=_dtype(args.dtype), template=args.template)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return Pipeline(_model_dir(args.model), dtype=_dtype(args.dtype), template=args.template, compile=args.compile)
 
 
 def _gen_kwargs(args: argparse.Namespace) -> dict:

@@ -1,14 +1,14 @@
-"""Token-level generation: prefill once, then one token per step through the model's own KV cache.
+"""Token-level generation: prefill once through ``forward``, then one token per step through the same cache.
 
-The loop is deliberately plain, gpt-fast style: the prompt (with its images, each encoded once) is run through
-the decoder in one call that fills the cache, then each step feeds one token per row and asks the lm_head for
-exactly one row of logits. Nothing is recomputed and nothing grows: the cache is preallocated for the prompt
-plus ``max_new_tokens`` slots.
+The loop is plain, gpt-fast style. The prompt (its images encoded once) runs through
+:meth:`Llava.forward <minillava.model.Llava.forward>` and fills a :class:`~minillava.cache.KVCache` sized for
+the prompt plus ``max_new_tokens``; each step then feeds one token per row through ``forward`` again (or, with
+``compile=True``, through the compiled static :meth:`~minillava.model.Llava.decode_step`) and asks the lm_head
+for one row of logits. Positions, masks and the image splice are the model's business, in one place.
 
-A batch is left-padded. Cache slots are shared by all rows (slot ``t`` holds every row's ``t``-th column), RoPE
-positions are per row and follow the attention mask, so the first real token of a padded row sits at position 0
-and each row computes exactly what it would alone. A row that finishes (EOS or a stop condition of the caller)
-keeps being fed the pad id; attention is per row, so it cannot influence the others.
+A batch is left-padded. A row that finishes (EOS, or a stop condition of the caller) keeps being fed the pad id;
+attention is per row, so it cannot influence the others. The image placeholder id is never generated (its logit
+is masked): it would otherwise come back as a marker in the next turn's prompt.
 
 Sampling follows transformers' semantics (temperature divides the logits, then top-k, then top-p keeps the
 smallest set whose probability reaches ``top_p``), and draws with the exponential-race trick (``argmax p / E``
@@ -18,41 +18,83 @@ whatever the rows do, so one seed reproduces a run and a row's draws never depen
 
 from __future__ import annotations
 
-import weakref
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
-from .fusion import embed_with_images
-from .model import Llava, positions_from_mask
+from .cache import KVCache
+from .model import Llava
 
-# Per model: the generation that last wrote its KV cache, as (owner, call). A multi-turn chat may reuse the cache
-# it filled only while it is still the owner (see :func:`cache_owner`); a suspended stream checks that no other
-# generation took the cache over before it resumes.
-_CACHE_WRITERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+StopHook = Callable[[torch.Tensor], Sequence[bool] | None]
 
 
-def cache_owner(model: Llava) -> object | None:
-    """The ``owner`` token passed to the last :func:`generate_steps` on ``model`` (``None`` for :func:`generate`,
-    or while a prefill is in progress)."""
-    return _CACHE_WRITERS.get(model, (None, None))[0]
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_generation_args(
-    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed: int | None = None
-) -> None:
-    """Raise ``ValueError`` naming the value for each argument out of range."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 (or None to disable), got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] (or None to disable), got {top_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate: length, sampling, and when to stop. Every generation entry point takes one (or its
+    fields as keyword arguments).
+
+    Attributes:
+        max_new_tokens: the most tokens to generate per row.
+        temperature: 0 is greedy; > 0 samples from ``softmax(logits / temperature)``.
+        top_k: keep only the ``top_k`` most likely tokens before sampling (None: all).
+        top_p: keep the smallest set of tokens whose probability reaches ``top_p``, in (0, 1] (None: all).
+        seed: seeds the sampling generator; the same seed gives the same tokens. None: torch's global generator.
+        eos_token_id: ids that end a row. None: the checkpoint's EOS; an int or list sets them; ``[]`` disables.
+        stop_strings: text that ends an answer (cut from it), on top of the chat template's; needs a tokenizer,
+            so only the text-level API (:class:`~minillava.pipeline.Pipeline`) reads it.
+    """
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not _is_number(self.temperature) or not self.temperature >= 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1 (or None to disable), got {self.top_k!r}")
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (or None to disable), got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
+        eos = self.eos_token_id
+        if eos is not None and not _is_int(eos):
+            if isinstance(eos, (str, bytes)) or not isinstance(eos, Sequence) or not all(_is_int(i) for i in eos):
+                raise ValueError(f"eos_token_id must be an int, a list of ints, or None; got {eos!r}")
+            object.__setattr__(self, "eos_token_id", tuple(eos))
+        if isinstance(self.stop_strings, str) or not all(isinstance(s, str) for s in self.stop_strings):
+            raise ValueError(f"stop_strings must be a list of strings, got {self.stop_strings!r}")
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+
+    def replace(self, **changes) -> GenerationConfig:
+        """A copy with ``changes`` applied (``None`` values keep this config's)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown generation settings: {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def settings(config: GenerationConfig | None = None, **overrides) -> GenerationConfig:
+    """``config`` (default: :class:`GenerationConfig`'s defaults) with the non-None ``overrides`` applied."""
+    if config is not None and not isinstance(config, GenerationConfig):
+        raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
+    return (config or GenerationConfig()).replace(**overrides)
 
 
 def resolve_eos(model: Llava, eos_token_id: int | Sequence[int] | None) -> list[int]:
@@ -61,11 +103,11 @@ def resolve_eos(model: Llava, eos_token_id: int | Sequence[int] | None) -> list[
         eos_token_id = model.config.text.eos_token_id
         if eos_token_id is None:
             return []
-    if isinstance(eos_token_id, int):
-        return [eos_token_id]
-    ids = list(eos_token_id)
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise ValueError(f"eos_token_id must be an int, a list of ints, or None; got {eos_token_id!r}")
+    ids = [eos_token_id] if _is_int(eos_token_id) else list(eos_token_id)
+    vocab = model.config.text.vocab_size
+    outside = [i for i in ids if not 0 <= i < vocab]
+    if outside:
+        raise ValueError(f"eos_token_id {outside} outside the vocabulary [0, {vocab}): it could never be generated")
     return ids
 
 
@@ -73,7 +115,7 @@ def resolve_pad(model: Llava, eos_ids: Sequence[int]) -> int:
     """The id finished rows are filled with: the checkpoint's pad id, else its first EOS (as transformers), else 0."""
     config = model.config
     for candidate in (config.generation.get("pad_token_id"), config.text.pad_token_id):
-        if isinstance(candidate, int):
+        if _is_int(candidate):
             return candidate
     eos = config.text.eos_token_id
     if isinstance(eos, list):
@@ -122,58 +164,9 @@ def sample_next(
     return (probs / race).argmax(dim=-1)
 
 
-SMALL_MODEL_BYTES = 64 * 2**20
-"""A part of the model (vision tower + projector, or decoder) with fewer weight bytes runs on one intra-op thread.
-
-A small model's matrix products are too small for threads to pay: splitting them costs synchronisation, and on a
-busy machine a descheduled worker stalls every parallel op. On the 2-core development machine under load, the
-tiny benchmark model (15 MB decoder) decoded at 115 tokens/s on 1 thread and 15 on 2, while a decode step of the
-7B-sized slice (2 GB of weights per token) took 160 ms on 2 threads and 190 ms on 1. Parts above this size keep
-``torch.get_num_threads()``.
-"""
-
-
-def _threads_for(*modules: torch.nn.Module) -> int | None:
-    """1 when ``modules`` hold fewer than :data:`SMALL_MODEL_BYTES` of weights, else None (keep the setting)."""
-    size = sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
-    return 1 if size < SMALL_MODEL_BYTES else None
-
-
-@contextmanager
-def _intra_op_threads(n: int | None) -> Iterator[None]:
-    """Run the block on ``n`` intra-op threads (None: unchanged); the setting is restored before anything else
-    (a generator's caller) runs."""
-    old = torch.get_num_threads()
-    if n is None or n >= old:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _ensure_cache(model: Llava, batch: int, needed: int, keep: int = 0) -> None:
-    """Make sure the KV cache holds ``batch`` rows and ``needed`` slots, keeping slots ``< keep`` if it grows.
-
-    An existing cache that is large enough is reused as is: generation only reads slots it wrote itself.
-    """
-    llm = model.llm
-    layers = list(llm.layers)
-    if not layers:
-        return
-    dtype = llm.embed_tokens.weight.dtype
-    old = [layer.self_attn.kv_cache for layer in layers]
-    if old[0] is not None and old[0].k.shape[0] == batch and old[0].k.shape[2] >= needed and old[0].k.dtype == dtype:
-        return
-    llm.setup_cache(batch, needed)
-    if keep:
-        if old[0] is None or old[0].k.shape[0] != batch or old[0].k.shape[2] < keep:
-            raise ValueError(f"cannot keep {keep} cached slots: the KV cache does not hold them")
-        for layer, cache in zip(layers, old, strict=True):
-            layer.self_attn.kv_cache.k[:, :, :keep] = cache.k[:, :, :keep]
-            layer.self_attn.kv_cache.v[:, :, :keep] = cache.v[:, :, :keep]
+COMPILE_BUCKET = 256
+"""With ``compile=True`` a new cache's length is rounded up to a multiple of this, so that prompts of other
+lengths reuse the compiled step instead of compiling it again for a new buffer size."""
 
 
 def _check_inputs(
@@ -181,18 +174,17 @@ def _check_inputs(
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
-    cached_prefix: int = 0,
+    past: int,
+    image_sizes: torch.Tensor | None = None,
 ) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got {shape}")
-    if not 0 <= cached_prefix < input_ids.shape[1]:
-        raise ValueError(f"cached_prefix must be in [0, {input_ids.shape[1]}), got {cached_prefix}")
     if attention_mask is not None:
-        if tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"attention_mask must have input_ids' shape {list(input_ids.shape)}, got {list(attention_mask.shape)}"
-            )
+        want = (input_ids.shape[0], past + input_ids.shape[1])
+        if tuple(attention_mask.shape) != want:
+            covers = "input_ids'" if not past else f"the {past} cached + {input_ids.shape[1]} new tokens'"
+            raise ValueError(f"attention_mask must have {covers} shape {list(want)}, got {list(attention_mask.shape)}")
         real = attention_mask.bool()
         if not bool(real[:, -1].all()):
             rows = [i for i, ok in enumerate(real[:, -1].tolist()) if not ok]
@@ -201,80 +193,88 @@ def _check_inputs(
             )
     if pixel_values is not None:
         v = model.config.vision
+        tiles = "tiles, " if image_sizes is not None else ""
         want = (v.num_channels, v.image_size, v.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
+        if pixel_values.dim() != (5 if tiles else 4) or tuple(pixel_values.shape[-3:]) != want:
             raise ValueError(
-                f"pixel_values must be [N, {want[0]}, {want[1]}, {want[2]}], got {list(pixel_values.shape)}"
+                f"pixel_values must be [N, {tiles}{v.num_channels}, {v.image_size}, {v.image_size}], "
+                f"got {list(pixel_values.shape)}"
             )
     config = model.config
-    k = config.num_image_tokens
-    placeholders = int((input_ids[:, cached_prefix:] == config.image_token_id).sum())
     images = 0 if pixel_values is None else pixel_values.shape[0]
-    if placeholders != images * k:
+    if image_sizes is not None and pixel_values is not None:
+        if tuple(image_sizes.shape) != (images, 2):
+            raise ValueError(f"image_sizes must be [{images}, 2] (height, width), got {list(image_sizes.shape)}")
+        need, each = sum(config.anyres_token_count(h, w) for h, w in image_sizes.tolist()), "its size's count"
+    else:
+        need, each = images * config.num_image_tokens, f"{config.num_image_tokens}"
+    placeholders = int((input_ids == config.image_token_id).sum())
+    if placeholders != need:
         raise ValueError(
-            f"input_ids hold {placeholders} image placeholders (id {config.image_token_id}, {k} per image) but "
-            f"pixel_values holds {images} image(s), which need {images * k}"
+            f"input_ids hold {placeholders} image placeholders (id {config.image_token_id}, {each} per image) but "
+            f"pixel_values holds {images} image(s), which need {need}"
         )
 
 
-def generate_steps(
+def stream_generate(
     model: Llava,
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
+    config: GenerationConfig | None = None,
     *,
-    cached_prefix: int = 0,
-    should_stop: Callable[[torch.Tensor], Sequence[bool] | None] | None = None,
-    owner: object | None = None,
+    cache: KVCache | None = None,
+    compile: bool = False,
+    should_stop: StopHook | None = None,
+    image_sizes: torch.Tensor | None = None,
+    **overrides,
 ) -> Iterator[torch.Tensor]:
-    """Check the arguments and return the generation loop: an iterator of each step's tokens ``[B]`` (finished
-    rows get the pad id). The KV cache is sized and the prefill runs on the first ``next()``.
-
-    Arguments as :func:`generate`, plus three hooks for :class:`~minillava.pipeline.Pipeline`:
+    """Generate after ``input_ids``, yielding each step's tokens ``[B]`` as they come (finished rows get the pad
+    id). Arguments as :func:`generate`, plus:
 
     Args:
-        cached_prefix: the KV cache already holds ``input_ids[:, :cached_prefix]`` at slots ``0..cached_prefix-1``
-            (written by an earlier call with the same ``owner``); only the rest is prefilled. ``pixel_values`` then
-            holds just the images whose placeholders lie in the rest.
-        should_stop: called with each step's tokens; rows it returns True for finish after that token (stop
-            strings are checked this way, on decoded text).
-        owner: recorded as the cache's writer once the prefill is done (see :func:`cache_owner`).
+        should_stop: called with each step's tokens; rows it returns True for finish after that token (the
+            text-level API checks stop strings this way).
+
+    The arguments are checked now; the prefill runs on the first ``next()``.
     """
-    check_generation_args(max_new_tokens, temperature, top_k, top_p, seed)
-    eos_ids = resolve_eos(model, eos_token_id)
-    _check_inputs(model, input_ids, pixel_values, attention_mask, cached_prefix)
+    config = settings(config, **overrides)
+    eos_ids = resolve_eos(model, config.eos_token_id)
+    past = 0 if cache is None else cache.filled
+    _check_inputs(model, input_ids, pixel_values, attention_mask, past, image_sizes)
     batch, length = input_ids.shape
+    if cache is not None and cache.batch != batch:
+        raise ValueError(f"the KV cache has {cache.batch} rows but input_ids has {batch}")
+    total = past + length + config.max_new_tokens
     context = model.config.text.max_position_embeddings
-    if length + max_new_tokens > context:
+    if total > context:
+        prompt = f"{length} tokens" if not past else f"{past} cached + {length} new tokens"
         raise ValueError(
-            f"the prompt is {length} tokens and max_new_tokens is {max_new_tokens}: {length + max_new_tokens} "
-            f"exceeds the context window of {context} tokens"
+            f"the prompt is {prompt} and max_new_tokens is {config.max_new_tokens}: {total} exceeds the context "
+            f"window of {context} tokens"
         )
-    padded = attention_mask is not None and not bool(attention_mask.bool().all())
-    if padded and not bool(attention_mask.bool().any(dim=1).all()):
-        raise ValueError("a row of attention_mask has no real token")
-    return _loop(
-        model,
-        input_ids,
-        pixel_values,
-        attention_mask if padded else None,
-        max_new_tokens,
-        temperature,
-        top_k,
-        top_p,
-        seed,
-        eos_ids,
-        resolve_pad(model, eos_ids),
-        cached_prefix,
-        should_stop,
-        owner,
-    )
+    if attention_mask is not None:
+        if not bool(attention_mask.bool().any(dim=1).all()):
+            raise ValueError("a row of attention_mask has no real token")
+        if bool(attention_mask.bool().all()):
+            attention_mask = None
+    if cache is None:
+        size = total if not compile else min(-(-total // COMPILE_BUCKET) * COMPILE_BUCKET, max(total, context))
+        with torch.no_grad():  # plain tensors, not inference tensors: the caller may keep using the cache
+            cache = model.new_cache(batch, size)
+    else:
+        with torch.no_grad():
+            cache.grow(total)
+    step = _compiled_step(model) if compile else None
+    return _loop(model, input_ids, pixel_values, attention_mask, config, eos_ids, cache, step, should_stop, image_sizes)
+
+
+def _compiled_step(model: Llava) -> Callable:
+    """``model.decode_step`` compiled as one graph (compiled once per model and cache shape, then reused)."""
+    if model.llm.rotary.dynamic:
+        raise ValueError("compile=True does not support dynamic RoPE scaling (its frequencies depend on the length)")
+    mode = "reduce-overhead" if model.llm.embed_tokens.weight.is_cuda else None
+    return torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode=mode)
 
 
 @torch.inference_mode()
@@ -283,48 +283,31 @@ def _loop(
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    seed: int | None,
+    config: GenerationConfig,
     eos_ids: list[int],
-    pad_id: int,
-    cached_prefix: int,
-    should_stop: Callable[[torch.Tensor], Sequence[bool] | None] | None,
-    owner: object | None,
+    cache: KVCache,
+    compiled_step: Callable | None,
+    should_stop: StopHook | None,
+    image_sizes: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
-    llm = model.llm
-    device = llm.embed_tokens.weight.device
-    input_ids = input_ids.to(device)
-    batch, length = input_ids.shape
-    total = length + max_new_tokens
-    # From here on the cache no longer holds what its previous writer left. Allocated as normal tensors (not
-    # inference tensors) so that plain no_grad callers of the model can keep using it.
-    _CACHE_WRITERS[model] = (None, None)
-    with torch.inference_mode(False), torch.no_grad():
-        _ensure_cache(model, batch, total, keep=cached_prefix)
-
-    # The padding mask over every slot this call can write; None when no row is padded (then SDPA takes its
-    # plain causal path and decode steps build no mask at all).
-    if attention_mask is not None:
-        mask = torch.ones(batch, total, dtype=torch.bool, device=device)
-        mask[:, :length] = attention_mask.to(device).bool()
-        positions = positions_from_mask(mask[:, :length])
-    else:
-        mask = None
-        positions = torch.arange(length, device=device).expand(batch, length)
-    slots = torch.arange(total, device=device)
-
+    device = cache.device
+    batch = input_ids.shape[0]
+    pad_id = resolve_pad(model, eos_ids)
     generator = None
-    if seed is not None and temperature > 0:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    if config.seed is not None and config.temperature > 0:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    image_id = model.config.image_token_id
+    vocab = model.config.text.vocab_size
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         """The next token per row; finished rows get the pad id; rows that finish now are marked."""
-        token = sample_next(logits, temperature, top_k, top_p, generator).masked_fill(finished, pad_id)
+        logits = logits.float()
+        if 0 <= image_id < vocab:
+            logits[:, image_id] = float("-inf")
+        token = sample_next(logits, config.temperature, config.top_k, config.top_p, generator)
+        token = token.masked_fill(finished, pad_id)
         if eos is not None:
             finished.logical_or_(torch.isin(token, eos))
         if should_stop is not None:
@@ -333,46 +316,29 @@ def _loop(
                 finished.logical_or_(torch.as_tensor(stop, dtype=torch.bool, device=device))
         return token
 
-    # Prefill: encode the images once, splice them in, fill the cache, keep one row of logits per sequence.
-    rows = None
-    if pixel_values is not None:
-        with _intra_op_threads(_threads_for(model.vision, model.projector)):
-            rows = model.encode_images(pixel_values.to(device))
-    decoder_threads = _threads_for(llm.layers, llm.lm_head if llm.lm_head is not None else llm.embed_tokens)
-    with _intra_op_threads(decoder_threads):
-        embeds = embed_with_images(llm.embed_tokens, input_ids[:, cached_prefix:], rows, model.config.image_token_id)
-        hidden = llm(
-            embeds,
-            positions[:, cached_prefix:],
-            None if mask is None else mask[:, :length],
-            slots[cached_prefix:length],
-        )
-        token = pick(llm.logits(hidden[:, -1]).float())
-    call = object()
-    _CACHE_WRITERS[model] = (owner, call)
-
-    pos = positions[:, -1:].clone()  # [B, 1]: the RoPE position of the last fed token, per row
-    for step in range(max_new_tokens):
+    out = model(
+        input_ids.to(device),
+        None if pixel_values is None else pixel_values.to(device),
+        None if attention_mask is None else attention_mask.to(device),
+        past_key_values=cache,
+        logits_to_keep=1,
+        image_sizes=image_sizes,
+    )
+    token = pick(out.logits[:, -1])
+    input_pos = torch.tensor([cache.filled], device=device) if compiled_step is not None else None
+    for step in range(config.max_new_tokens):
         yield token
-        if step + 1 == max_new_tokens or bool(finished.all()):
+        if step + 1 == config.max_new_tokens or bool(finished.all()):
             return
-        if _CACHE_WRITERS.get(model, (None, None))[1] is not call:
-            raise RuntimeError(
-                "another generation on this model started while this stream was paused and overwrote its KV cache; "
-                "finish (or close) one stream before starting the next"
-            )
-        # Decode: feed this token at the next slot, one row of logits out. The token is embedded directly (not
-        # through model.embed), as transformers does: a generated placeholder id is just a token here.
-        slot = length + step
-        pos += 1
-        with _intra_op_threads(decoder_threads):
-            hidden = llm(
-                llm.embed_tokens(token[:, None]),
-                pos,
-                None if mask is None else mask[:, : slot + 1],
-                slots[slot : slot + 1],
-            )
-            token = pick(llm.logits(hidden[:, -1]).float())
+        # The token is embedded directly: it is never a placeholder (pick masks that id).
+        if compiled_step is not None:
+            logits = compiled_step(token[:, None], input_pos, cache)
+            cache.filled += 1
+            input_pos += 1
+        else:
+            embeds = model.llm.embed_tokens(token[:, None])
+            logits = model(inputs_embeds=embeds, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        token = pick(logits)
 
 
 def generate(
@@ -380,43 +346,48 @@ def generate(
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    stream: bool = False,
-) -> torch.Tensor | Iterator[torch.Tensor]:
+    config: GenerationConfig | None = None,
+    *,
+    cache: KVCache | None = None,
+    compile: bool = False,
+    image_sizes: torch.Tensor | None = None,
+    **overrides,
+) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids``.
 
     Args:
-        model: a :class:`~minillava.model.Llava` (its KV cache is (re)allocated for prompt + ``max_new_tokens``).
+        model: a :class:`~minillava.model.Llava`.
         input_ids: [B, T] prompt ids, left-padded, with ``config.num_image_tokens`` placeholders per image.
-        pixel_values: [N, 3, S, S], the images in placeholder order across the batch, or None.
-        attention_mask: [B, T], 1 for real tokens, 0 for (left) padding; None means no padding.
-        max_new_tokens: the most tokens to generate per row (>= 1).
-        temperature: 0 is greedy; > 0 samples from ``softmax(logits / temperature)``.
-        top_k: keep only the ``top_k`` most likely tokens before sampling (None: all).
-        top_p: keep the smallest set of tokens whose probability reaches ``top_p``, in (0, 1] (None: all).
-        seed: seeds the sampling generator; the same seed gives the same tokens. None: torch's global generator.
-        eos_token_id: ids that end a row. None: the checkpoint's EOS; an int or list sets them; ``[]`` disables.
-        stream: return an iterator yielding each step's tokens ``[B]`` as they are generated.
+        pixel_values: [N, 3, S, S], the images in placeholder order across the batch, or None; LLaVA-1.6 tiles
+            [N, T, 3, S, S] with ``image_sizes``.
+        attention_mask: [B, T], 1 for real tokens, 0 for (left) padding; None means no padding. With a filled
+            ``cache``, [B, cached + T] as in ``forward``.
+        config: a :class:`GenerationConfig`; keyword arguments (``max_new_tokens=``, ``temperature=``, ...)
+            override its fields.
+        cache: continue this :class:`~minillava.cache.KVCache` (``input_ids`` are then the tokens after what it
+            holds); it grows if it lacks room, and holds every fed token afterwards. None: a new one.
+        compile: run each decode step through ``torch.compile(model.decode_step, fullgraph=True)``. The first
+            call compiles (seconds to a minute); later calls with the same cache size reuse it.
+        image_sizes: [N, 2] (height, width) of LLaVA-1.6 images, as the processor returns them.
 
     Returns:
         The new tokens only, ``[B, n_new]`` with ``n_new <= max_new_tokens`` (generation ends when every row has
-        finished); a row that finished early is filled with the pad id after its EOS. With ``stream=True``, an
-        iterator of ``[B]`` tensors instead.
+        finished); a row that finished early is filled with the pad id after its EOS.
 
     Raises:
-        ValueError: prompt length + ``max_new_tokens`` past the context window, a negative ``temperature``,
-            ``top_p`` outside (0, 1], ``top_k < 1``, ``max_new_tokens < 1``, ``pixel_values`` whose count or size
-            does not match the placeholders, or a right-padded ``attention_mask``.
+        ValueError: prompt length + ``max_new_tokens`` past the context window, a setting out of range,
+            ``pixel_values`` whose count or size does not match the placeholders, or a right-padded
+            ``attention_mask``.
     """
-    steps = generate_steps(
-        model, input_ids, pixel_values, attention_mask, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id
+    steps = stream_generate(
+        model,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        config,
+        cache=cache,
+        compile=compile,
+        image_sizes=image_sizes,
+        **overrides,
     )
-    if stream:
-        return steps
-    tokens = list(steps)
-    return torch.stack(tokens, dim=1)
+    return torch.stack(list(steps), dim=1)

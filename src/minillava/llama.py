@@ -1,22 +1,24 @@
-"""The LLaMA decoder: RMSNorm, rotary embeddings, grouped-query attention with a static KV cache.
+"""The LLaMA decoder: RMSNorm, rotary embeddings, grouped-query attention over a static KV cache.
 
 Module names mirror the Hugging Face checkpoint names below the ``language_model.model.`` prefix, so
 the key table that maps checkpoints is a list of prefixes.
 
-Two index spaces meet here. *Slots* (``input_pos``) say where in the KV cache a token is written;
+Two index spaces meet here. *Slots* say where in the KV cache (:mod:`minillava.cache`) a token is written;
 they are the same for every row of a batch. *Positions* (``position_ids``) are what RoPE rotates by;
 for a left-padded row they start at 0 on its first real token. Prefill and one-token decode run the
-same code: write the new keys at their slots, attend over slots ``0..input_pos[-1]``.
+same code: write the new keys at their slots, attend over the slots before ``end`` through a mask.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import KVCache
 from .config import TextConfig
 
 
@@ -98,24 +100,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
-class KVCache(nn.Module):
-    """Preallocated keys and values, ``[batch, kv_heads, max_len, head_dim]``, written at slot indices."""
-
-    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device) -> None:
-        super().__init__()
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(
-        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k``/``v`` at slots ``input_pos``; return the cache up to slot ``end`` (exclusive)."""
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
 class Attention(nn.Module):
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
@@ -127,7 +111,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
-        self.kv_cache: KVCache | None = None
 
     def forward(
         self,
@@ -135,29 +118,59 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        input_pos: torch.Tensor | None,
-        end: int,
-    ) -> torch.Tensor:
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        slots: torch.Tensor | None = None,
+        end: int = 0,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attend from ``x`` [B, T, D]; returns the output and, with ``need_weights``, the probabilities
+        ``[B, heads, T, S]``.
+
+        With ``kv`` (this layer's cache buffers) the new keys and values are written at ``slots`` and the
+        attention reads slots ``0..end-1``; ``mask`` is then a boolean ``[B|1, 1, T, end]`` or None for plain
+        causal attention.
+        """
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v, end)
-        causal = mask is None and t > 1
-        # enable_gqa: each kv head serves a run of adjacent query heads (the reference's repeat_kv layout) without
-        # copying the cache num_heads / num_kv_heads times every step.
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=causal,
-            scale=self.head_dim**-0.5,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        if kv is not None:
+            kv[0].index_copy_(2, slots, k)
+            kv[1].index_copy_(2, slots, v)
+            k, v = kv[0][:, :, :end], kv[1][:, :, :end]
+        weights = None
+        if need_weights:
+            y, weights = eager_attention(q, k, v, mask, self.head_dim**-0.5)
+        else:
+            # enable_gqa: each kv head serves a run of adjacent query heads (the reference's repeat_kv layout)
+            # without copying the cache num_heads / num_kv_heads times every step.
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None and t > 1,
+                scale=self.head_dim**-0.5,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)), weights
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out, for when the probabilities are wanted: scores, softmax in fp32, weighted values,
+    in the order transformers' eager attention computes them (so the probabilities equal its ``attentions``)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    if mask is None:
+        t, s = scores.shape[-2:]
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v), probs
 
 
 class MLP(nn.Module):
@@ -180,28 +193,31 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, input_pos, end) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, end)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, kv=None, slots=None, end=0, need_weights=False):
+        h, weights = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, slots, end, need_weights)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), weights
 
 
-def attention_mask_for(input_pos: torch.Tensor, end: int, padding_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Boolean ``[B|1, 1, T, end]`` mask: causal over slots, minus padded slots.
+def attention_mask_for(query_slots: torch.Tensor, end: int, padding: torch.Tensor | None) -> torch.Tensor:
+    """Boolean ``[B|1, 1, T, end]`` mask: each query sees the slots up to its own, minus padded ones.
 
-    Returns ``None`` when plain causal attention (or, for one query, attention to every slot) is exact,
-    so SDPA can take its fastest path. A query always sees its own slot, so a padding row attends to
-    itself and never produces NaN.
+    ``padding`` is ``[B, end]`` with True on real tokens, or None. A query always sees its own slot, so a
+    padding row attends to itself and never produces NaN.
     """
-    t = input_pos.shape[0]
-    no_padding = padding_mask is None or bool(padding_mask[:, :end].all())
-    if no_padding and (t == 1 or (int(input_pos[0]) == 0 and t == end)):
-        return None
-    slots = torch.arange(end, device=input_pos.device)
-    mask = slots[None, :] <= input_pos[:, None]  # [T, end]
-    if not no_padding:
-        mask = mask & padding_mask[:, None, :end].bool()
-        mask = mask | (slots[None, :] == input_pos[:, None])
-    return mask[:, None] if mask.dim() == 3 else mask[None, None]
+    slots = torch.arange(end, device=query_slots.device)
+    mask = slots[None, :] <= query_slots[:, None]  # [T, end]
+    if padding is None:
+        return mask[None, None]
+    mask = (mask & padding[:, None, :]) | (slots[None, :] == query_slots[:, None])
+    return mask[:, None]
+
+
+@dataclass
+class DecoderOutput:
+    hidden: torch.Tensor  # [B, T, D] after the final norm
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class Llama(nn.Module):
@@ -216,55 +232,46 @@ class Llama(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
         self.rotary = Rotary(config)
 
-    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> None:
-        """Allocate a KV cache of ``max_len`` slots per layer (replacing any previous one)."""
-        ref = self.embed_tokens.weight
-        c = self.config
-        for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(
-                batch, c.num_kv_heads, max_len, c.head_dim, dtype or ref.dtype, device or ref.device
-            )
-
-    def clear_cache(self) -> None:
-        for layer in self.layers:
-            layer.self_attn.kv_cache = None
-
-    @property
-    def cache_len(self) -> int:
-        """Slots the current cache holds, 0 without a cache."""
-        cache = self.layers[0].self_attn.kv_cache if len(self.layers) else None
-        return 0 if cache is None else cache.k.shape[2]
-
     def forward(
         self,
         x: torch.Tensor,
         position_ids: torch.Tensor,
-        padding_mask: torch.Tensor | None = None,
-        input_pos: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Run the blocks on embeddings ``x`` [B, T, D]; returns the final-normed hidden states.
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+        end: int = 0,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> DecoderOutput:
+        """Run the blocks on embeddings ``x`` [B, T, D].
 
         Args:
             position_ids: [B, T] RoPE positions.
-            padding_mask: [B, S] with 1 for real tokens over slots ``0..S-1`` (S >= last slot + 1), or None.
-            input_pos: [T] cache slots of these tokens; None runs without the cache (slots ``0..T-1``).
+            mask: boolean ``[B|1, 1, T, S]`` (see :func:`attention_mask_for`), or None for plain causal attention
+                over the T tokens (or, for one query, over every slot).
+            cache: the KV cache; the tokens are written at ``slots`` ([T]) and attention reads slots ``0..end-1``.
+            output_hidden_states: also return the input of every block and the final normed output
+                (transformers' convention: ``num_layers + 1`` tensors, the last one after the norm).
+            output_attentions: also return every layer's attention probabilities (explicit attention path).
         """
-        t = x.shape[1]
-        if input_pos is None:
-            slots = torch.arange(t, device=x.device)
-            end, cache_pos = t, None
-        else:
-            if self.cache_len == 0:
-                raise ValueError("input_pos was given but no KV cache is set up; call setup_cache(batch, max_len)")
-            slots, cache_pos = input_pos, input_pos
-            end = int(input_pos[-1]) + 1
-            if end > self.cache_len:
-                raise ValueError(f"slot {end - 1} is past the KV cache's {self.cache_len} slots")
-        mask = attention_mask_for(slots, end, padding_mask)
         cos, sin = self.rotary(position_ids, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache_pos, end)
-        return self.norm(x)
+        hidden_states = [] if output_hidden_states else None
+        attentions = [] if output_attentions else None
+        for i, layer in enumerate(self.layers):
+            if hidden_states is not None:
+                hidden_states.append(x)
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x, weights = layer(x, cos, sin, mask, kv, slots, end, output_attentions)
+            if attentions is not None:
+                attentions.append(weights)
+        x = self.norm(x)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        return DecoderOutput(
+            x,
+            None if hidden_states is None else tuple(hidden_states),
+            None if attentions is None else tuple(attentions),
+        )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

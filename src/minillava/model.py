@@ -1,4 +1,9 @@
-"""``Llava``: a CLIP tower, a projector and a LLaMA decoder, called in that order."""
+"""``Llava``: a CLIP tower, a projector and a LLaMA decoder, called in that order.
+
+:meth:`Llava.forward` is the one entry point everything runs through (generation, chat, training, the parity
+tests); :meth:`Llava.decode_step` is its static one-token form for compiled decoding. Both plan positions and
+masks here and hand the decoder the same arguments.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +14,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import anyres
+from .cache import KVCache
 from .clip import ClipVision
 from .config import LlavaConfig
 from .fusion import embed_with_images
-from .llama import Llama
+from .llama import Llama, attention_mask_for
 from .projector import Projector
 
 IGNORE_INDEX = -100
+"""Label of a position that is not supervised (prompt, image placeholder, padding)."""
 
 
 @dataclass
 class LlavaOutput:
+    """What :meth:`Llava.forward` returns; a field is None unless it was asked for (or, for ``loss`` and
+    ``image_features``, unless labels or images were given).
+
+    Attributes:
+        logits: ``[B, T, vocab]`` (``[B, logits_to_keep, vocab]`` when set).
+        loss: mean next-token cross-entropy over supervised tokens.
+        past_key_values: the :class:`~minillava.cache.KVCache` holding every token fed so far.
+        hidden_states: ``num_layers + 1`` tensors ``[B, T, D]``: the input embeddings, the output of each block
+            but the last, and the last block's output after the final norm (``lm_head(hidden_states[-1])`` is the
+            logits).
+        attentions: per layer ``[B, heads, T, S]`` softmax probabilities over the ``S`` slots attended.
+        image_features: ``[N, K, D]`` projector rows of the images given.
+    """
+
     logits: torch.Tensor
     loss: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    image_features: torch.Tensor | None = None
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -29,13 +54,19 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy in fp32: logits at t predict labels at t+1; ``-100`` is ignored;
-    mean over supervised tokens."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy in fp32: logits at t predict labels at t+1; ``-100`` is ignored.
+
+    ``reduction="mean"`` averages over supervised tokens (transformers' loss); ``"sum"`` adds them up, for
+    callers that divide by a token count of their own (a global batch split over processes or micro-batches).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     return F.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]),
         labels[:, 1:].reshape(-1).to(logits.device),
         ignore_index=IGNORE_INDEX,
+        reduction=reduction,
     )
 
 
@@ -84,58 +115,150 @@ class Llava(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with the image rows spliced in at the placeholder positions."""
+        """Token embeddings with the image rows spliced in at the placeholder positions: what ``forward``
+        takes as ``inputs_embeds``."""
         rows = None if pixel_values is None else self.encode_images(pixel_values, image_sizes)
         return embed_with_images(self.llm.embed_tokens, input_ids, rows, self.config.image_token_id)
 
+    def new_cache(
+        self, batch: int, max_len: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> KVCache:
+        """An empty KV cache of ``max_len`` slots for ``batch`` rows (default: the decoder weights' dtype and
+        device)."""
+        ref = self.llm.embed_tokens.weight
+        c = self.config.text
+        return KVCache.empty(
+            c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, dtype or ref.dtype, device or ref.device
+        )
+
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        input_pos: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
         logits_to_keep: int = 0,
         image_sizes: torch.Tensor | None = None,
     ) -> LlavaOutput:
-        """Logits ``[B, T, vocab]`` (and ``loss`` when ``labels`` are given).
+        """Logits for ``input_ids`` (or ``inputs_embeds``), optionally continuing a KV cache.
 
         Args:
             input_ids: [B, T], with K placeholders of ``config.image_token_id`` per image.
-            pixel_values: [N, 3, S, S], images in placeholder order across the batch; LLaVA-1.6 tiles
-                [N, T, 3, S, S] come with ``image_sizes``.
-            attention_mask: 1 for real tokens. Without the cache [B, T]; with it, [B, S] over every
-                slot so far (S >= last slot + 1), as generation keeps it.
+            pixel_values: [N, 3, S, S], images in placeholder order across the batch (with ``input_ids`` only);
+                LLaVA-1.6 tiles [N, T, 3, S, S] come with ``image_sizes``.
+            attention_mask: 1 for real tokens, 0 for padding. Without a cache [B, T]; with one, as transformers,
+                [B, past + T] over every token so far.
             labels: [B, T] token ids to predict, ``-100`` where nothing is supervised (shifted inside).
-            position_ids: [B, T] RoPE positions; default: from ``attention_mask`` (first real token at 0).
-            input_pos: [T] KV-cache slots of these tokens (see ``setup_cache``); None runs uncached.
+            inputs_embeds: [B, T, D] instead of ``input_ids``, e.g. from :meth:`embed`.
+            position_ids: [B, T] RoPE positions; default: each row's count of real tokens before the token.
+            past_key_values: a :class:`~minillava.cache.KVCache` holding earlier tokens; the new ones are written
+                after them (the cache grows if it is full).
+            use_cache: return the cache in ``past_key_values`` (a new one if none was given).
+            output_hidden_states, output_attentions: also return these (see :class:`LlavaOutput`); attentions
+                take an explicit attention path, SDPA otherwise.
             logits_to_keep: compute logits only for the last this-many positions (0 = all).
             image_sizes: [N, 2] (height, width) of each LLaVA-1.6 image, as the processor returns it.
         """
-        embeds = self.embed(input_ids, pixel_values, image_sizes)
-        if position_ids is None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        image_features = None
+        if inputs_embeds is None:
+            if pixel_values is not None:
+                image_features = self.encode_images(pixel_values, image_sizes)
+            inputs_embeds = embed_with_images(
+                self.llm.embed_tokens, input_ids, image_features, self.config.image_token_id
+            )
+        elif pixel_values is not None:
+            raise ValueError(
+                "pixel_values go with input_ids; inputs_embeds already hold the image rows (see model.embed)"
+            )
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
+            raise ValueError(f"inputs must be [batch, length(, dim)] with length >= 1, got {list(inputs_embeds.shape)}")
+        batch, length = inputs_embeds.shape[:2]
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.new_cache(batch, length, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+        if cache is not None and cache.batch != batch:
+            raise ValueError(f"the KV cache has {cache.batch} rows but the inputs have {batch}")
+
+        if cache is None:
+            start = 0
+            padding = None
             if attention_mask is not None:
-                position_ids = positions_from_mask(attention_mask)
-                if input_pos is not None:
-                    position_ids = position_ids[:, input_pos]
+                if tuple(attention_mask.shape) != (batch, length):
+                    raise ValueError(f"attention_mask must be [{batch}, {length}], got {list(attention_mask.shape)}")
+                if not bool(attention_mask.bool().all()):
+                    padding = attention_mask.to(inputs_embeds.device).bool()
+        else:
+            start = cache.filled
+            cache.grow(start + length)
+            cache.mark(attention_mask, length)
+            padding = cache.mask[:, : start + length] if cache.padded else None
+        end = start + length
+        if position_ids is None:
+            if padding is None:
+                position_ids = torch.arange(start, end, device=inputs_embeds.device).expand(batch, length)
             else:
-                slots = torch.arange(input_ids.shape[1], device=input_ids.device) if input_pos is None else input_pos
-                position_ids = slots.expand_as(input_ids)
-        hidden = self.llm(embeds, position_ids, attention_mask, input_pos)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+                position_ids = positions_from_mask(padding)[:, start:]
+        query_slots = torch.arange(start, end, device=inputs_embeds.device)
+        mask = None
+        if padding is not None or output_attentions or (start > 0 and length > 1):
+            mask = attention_mask_for(query_slots, end, padding)
+
+        try:
+            out = self.llm(
+                inputs_embeds,
+                position_ids,
+                mask,
+                cache,
+                query_slots,
+                end,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+            )
+        except BaseException:
+            if cache is not None:
+                cache.mask[:, start:] = False  # nothing new was kept
+            raise
+        if cache is not None:
+            cache.filled = end
+
+        hidden = out.hidden[:, -logits_to_keep:] if logits_to_keep else out.hidden
         logits = self.llm.logits(hidden)
         loss = None
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels need logits for every position; leave logits_to_keep at 0")
             loss = causal_lm_loss(logits, labels)
-        return LlavaOutput(logits=logits, loss=loss)
+        return LlavaOutput(
+            logits=logits,
+            loss=loss,
+            past_key_values=cache if (use_cache or past_key_values is not None) else None,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            image_features=image_features,
+        )
 
-    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> None:
-        """Allocate the decoder's KV cache: ``max_len`` slots for each of ``batch`` rows."""
-        self.llm.setup_cache(batch, max_len, dtype, device)
+    def decode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per row at cache slot ``input_pos``: ``tokens`` [B, 1], ``input_pos`` a [1] long tensor on
+        the cache's device; returns the next-token logits ``[B, vocab]``.
 
-    def clear_cache(self) -> None:
-        self.llm.clear_cache()
+        The static form of a one-token ``forward``: every shape is fixed by the cache, attention reads the whole
+        buffer through a mask computed from tensors, and nothing is read back to the host, so
+        ``torch.compile(model.decode_step, fullgraph=True)`` compiles it into one graph for every step. The slot
+        is marked real and written; advancing the host count :attr:`KVCache.filled` is the caller's job (outside
+        the compiled function).
+        """
+        cache.mask.index_fill_(1, input_pos, True)
+        positions = cache.mask.sum(dim=-1, keepdim=True) - 1  # this row's real tokens before this one
+        slots = torch.arange(cache.max_len, device=input_pos.device)
+        mask = (cache.mask & (slots <= input_pos))[:, None, None, :]
+        out = self.llm(self.llm.embed_tokens(tokens), positions, mask, cache, input_pos, cache.max_len)
+        return self.llm.logits(out.hidden[:, -1])

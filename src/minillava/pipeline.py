@@ -15,21 +15,21 @@ string may straddle tokens, so text that could be the start of one is held back 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from .cache import KVCache
 from .chat import ChatTemplate, get_template
 from .checkpoint import load
 from .config import BUNDLED_MODEL
-from .generate import cache_owner, generate_steps, resolve_eos
-from .image import ImageInput, preprocess
+from .generate import GenerationConfig, resolve_eos, settings, stream_generate
+from .image import ImageInput, pad_tiles
 from .processor import Processor, load_processor
 from .tokenizer import IMAGE_MARKER
-
-DEFAULT_MAX_NEW_TOKENS = 512  # original LLaVA's CLI default
 
 
 def image_list(images: Sequence[ImageInput] | ImageInput | None) -> list[ImageInput]:
@@ -116,6 +116,9 @@ class Pipeline:
         device: where the model runs.
         template: a chat template name (default: the checkpoint's).
         image_mode: ``"crop"`` or ``"pad"`` to override the checkpoint's image preprocessing.
+        generation: default generation settings; unset fields take the checkpoint's (``config.json``'s
+            ``generation``), then :class:`~minillava.generate.GenerationConfig`'s.
+        compile: decode through a ``torch.compile``'d step (see :func:`minillava.generate.generate`).
     """
 
     def __init__(
@@ -125,6 +128,8 @@ class Pipeline:
         device: str | torch.device = "cpu",
         template: str | ChatTemplate | None = None,
         image_mode: str | None = None,
+        generation: GenerationConfig | None = None,
+        compile: bool = False,
     ) -> None:
         if path is None:
             if not (BUNDLED_MODEL / "config.json").is_file():
@@ -134,6 +139,9 @@ class Pipeline:
         self.processor = load_processor(self.path, image_mode=image_mode)
         self.template = get_template(template) if template is not None else self.processor.template
         self.model = load(self.path, dtype=dtype, device=device)
+        defaults = {k: v for k, v in self.model.config.generation.items() if k in _SETTINGS}
+        self.generation = GenerationConfig(**defaults) if generation is None else generation
+        self.compile = compile
 
     @property
     def context_length(self) -> int:
@@ -145,37 +153,56 @@ class Pipeline:
 
     def chat(
         self,
-        prompt: str | Sequence[str],
-        images: Sequence[ImageInput] | Sequence[Sequence[ImageInput]] | ImageInput | None = None,
+        prompt: str,
+        images: Sequence[ImageInput] | ImageInput | None = None,
         *,
         system: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-    ) -> str | list[str]:
-        """Answer one user message (a fresh conversation each call), or a list of them as one batch.
+        config: GenerationConfig | None = None,
+        **overrides,
+    ) -> str:
+        """Answer one user message (a fresh conversation each call).
 
         Args:
             prompt: the user's message; ``<image>`` marks where images go, else one per image is put first.
-                A list of messages runs as one left-padded batch and returns a list of answers.
-            images: the message's images (paths, bytes or PIL images); for a list of prompts, one list per prompt.
+            images: the message's images (paths, bytes or PIL images).
             system: replaces the template's system prompt.
-            max_new_tokens: the most tokens to generate (default: 512, or what the context window has left).
-            temperature, top_k, top_p, seed: sampling, as :func:`minillava.generate.generate` (0 = greedy).
+            config: generation settings (default: the pipeline's); keyword arguments (``max_new_tokens=``,
+                ``temperature=``, ``top_k=``, ``top_p=``, ``seed=``, ``stop_strings=``, ...) override its fields.
+                Without an explicit ``max_new_tokens`` the answer is also capped by what the context window has
+                left.
         """
-        gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        if isinstance(prompt, str):
-            return "".join(self.stream(prompt, images, system=system, **gen))
-        prompts = list(prompt)
+        return "".join(self.stream(prompt, images, system=system, config=config, **overrides))
+
+    def chat_batch(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Sequence[ImageInput]] | None = None,
+        *,
+        system: str | None = None,
+        config: GenerationConfig | None = None,
+        **overrides,
+    ) -> list[str]:
+        """Answer several independent user messages as one left-padded batch; ``images`` holds one list per
+        prompt. Each answer is what :meth:`chat` gives for that prompt alone (greedy)."""
+        if isinstance(prompts, str):
+            raise ValueError("chat_batch takes a list of prompts; use chat() for one")
+        prompts = list(prompts)
         groups = [[] for _ in prompts] if images is None else [image_list(g) for g in images]
         if len(groups) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(groups)} image lists; pass one list per prompt")
         texts = [self._prompt_text(p, len(g), system) for p, g in zip(prompts, groups, strict=True)]
         batch = self.processor(texts, images=groups, padding_side="left")
-        rows = self._rows(len(texts))
-        steps = self._steps(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], rows, gen)
+        gen = self._settings(config, overrides, batch["input_ids"].shape[1])
+        rows = self._rows(len(texts), gen)
+        steps = self._steps(
+            batch["input_ids"],
+            batch["pixel_values"],
+            batch["attention_mask"],
+            rows,
+            gen,
+            None,
+            batch.get("image_sizes"),
+        )
         for _ in steps:
             pass
         for row in rows:
@@ -188,18 +215,11 @@ class Pipeline:
         images: Sequence[ImageInput] | ImageInput | None = None,
         *,
         system: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
+        config: GenerationConfig | None = None,
+        **overrides,
     ) -> Iterator[str]:
-        """Like :meth:`chat` for one message, yielding text pieces as they are generated; joined they are the
-        answer :meth:`chat` returns."""
-        conv = Conversation(self, system)
-        return conv.stream(
-            prompt, images, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
-        )
+        """Like :meth:`chat`, yielding text pieces as they are generated; joined they are the answer."""
+        return Conversation(self, system).stream(prompt, images, config=config, **overrides)
 
     # -- shared machinery ------------------------------------------------------------------------------------
 
@@ -208,18 +228,33 @@ class Pipeline:
         messages.append({"role": "user", "content": with_image_markers(prompt, n_images)})
         return self.template.format(messages)
 
-    def _eos_ids(self) -> list[int]:
-        """The checkpoint's EOS plus every stop string that is a single special token of the tokenizer (so it
-        stops generation even though decoding drops it from the text)."""
-        ids = resolve_eos(self.model, None)
+    def _settings(self, config: GenerationConfig | None, overrides: dict, prompt_tokens: int) -> GenerationConfig:
+        """The call's settings. A length given in the call is kept (and refused if it does not fit); the default
+        length is capped by what the context window has left."""
+        gen = settings(config or self.generation, **overrides)
+        if config is None and overrides.get("max_new_tokens") is None:
+            room = self.context_length - prompt_tokens
+            if room < 1:
+                raise ValueError(
+                    f"the prompt is {prompt_tokens} tokens: it fills the context window of "
+                    f"{self.context_length} tokens and leaves no room for an answer"
+                )
+            gen = gen.replace(max_new_tokens=min(gen.max_new_tokens, room))
+        return gen
+
+    def _eos_ids(self, gen: GenerationConfig) -> list[int]:
+        """The EOS ids plus every stop string that is a single special token of the tokenizer (so it stops
+        generation even though decoding drops it from the text)."""
+        ids = resolve_eos(self.model, gen.eos_token_id)
         for stop in self.template.stop_strings:
             token = self.processor.tokenizer.token_to_id(stop)
             if token is not None and token not in ids:
                 ids.append(token)
         return ids
 
-    def _rows(self, n: int) -> list[_TextRow]:
-        return [_TextRow(self.processor, self.template.stop_strings, self._eos_ids()) for _ in range(n)]
+    def _rows(self, n: int, gen: GenerationConfig) -> list[_TextRow]:
+        stops = (*self.template.stop_strings, *gen.stop_strings)
+        return [_TextRow(self.processor, stops, self._eos_ids(gen)) for _ in range(n)]
 
     def _steps(
         self,
@@ -227,45 +262,39 @@ class Pipeline:
         pixel_values: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         rows: list[_TextRow],
-        gen: dict,
-        cached_prefix: int = 0,
-        owner: object | None = None,
+        gen: GenerationConfig,
+        cache: KVCache | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> Iterator[torch.Tensor]:
         """Run generation, feeding each step's tokens to ``rows`` (which decide stop strings)."""
-        gen = dict(gen)
-        if gen.get("max_new_tokens") is None:
-            room = self.context_length - input_ids.shape[1]
-            if room < 1:
-                raise ValueError(
-                    f"the prompt is {input_ids.shape[1]} tokens: it fills the context window of "
-                    f"{self.context_length} tokens and leaves no room for an answer"
-                )
-            gen["max_new_tokens"] = min(DEFAULT_MAX_NEW_TOKENS, room)
 
         def should_stop(tokens: torch.Tensor) -> list[bool]:
             return [row.push(t) for row, t in zip(rows, tokens.tolist(), strict=True)]
 
-        return generate_steps(
+        return stream_generate(
             self.model,
             input_ids,
             pixel_values,
             attention_mask,
-            eos_token_id=self._eos_ids(),
-            cached_prefix=cached_prefix,
+            gen.replace(eos_token_id=self._eos_ids(gen)),
+            cache=cache,
+            compile=self.compile,
             should_stop=should_stop,
-            owner=owner,
-            **gen,
+            image_sizes=image_sizes,
         )
+
+
+_SETTINGS = {f.name for f in dataclasses.fields(GenerationConfig)}
 
 
 class Conversation:
     """A multi-turn chat with one :class:`Pipeline`.
 
-    Each turn renders the whole conversation with the template, then prefills only what the model's KV cache
-    does not already hold: the longest common prefix of the new ids and the ids this conversation left in the
-    cache is reused (the cache is this conversation's as long as nothing else generated with the model since;
-    otherwise the turn recomputes everything, with the same result). Images of earlier turns are not encoded
-    again unless the reused prefix ends inside them.
+    Each turn renders the whole conversation with the template, then prefills only what this conversation's
+    KV cache does not already hold: the cache is cropped to the longest common prefix of the new ids and the
+    ids it holds, and only the rest runs. Images of earlier turns are not encoded again unless the reused prefix
+    ends inside them. The cache is this conversation's own value (:attr:`cache`): other generations on the same
+    model never touch it.
     """
 
     def __init__(self, pipe: Pipeline, system: str | None = None) -> None:
@@ -277,24 +306,29 @@ class Conversation:
         """Forget every turn (the system prompt stays)."""
         self.messages: list[dict[str, str]] = []
         self.pixels: list[torch.Tensor] = []  # preprocessed images, in placeholder order
-        self._owner = object()
-        self._cached: list[int] = []  # ids whose keys/values sit in the cache at slots 0..len-1
+        self.image_sizes: list[torch.Tensor] = []  # (height, width) of each image, with LLaVA-1.6 tiling
+        self.cache: KVCache | None = None
+        self._cached: list[int] = []  # the ids whose keys/values the cache holds, slot by slot
         self.last_prefill = 0  # tokens the last turn prefilled (for tests and benchmarks)
 
-    def chat(self, prompt: str, images: Sequence[ImageInput] | ImageInput | None = None, **gen) -> str:
+    def chat(
+        self,
+        prompt: str,
+        images: Sequence[ImageInput] | ImageInput | None = None,
+        *,
+        config: GenerationConfig | None = None,
+        **overrides,
+    ) -> str:
         """Send one user message; return the assistant's answer (also kept in :attr:`messages`)."""
-        return "".join(self.stream(prompt, images, **gen))
+        return "".join(self.stream(prompt, images, config=config, **overrides))
 
     def stream(
         self,
         prompt: str,
         images: Sequence[ImageInput] | ImageInput | None = None,
         *,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
+        config: GenerationConfig | None = None,
+        **overrides,
     ) -> Iterator[str]:
         """Send one user message; yield the answer's text pieces as they are generated.
 
@@ -303,7 +337,11 @@ class Conversation:
         """
         pipe = self.pipe
         images = image_list(images)
-        new_pixels = list(preprocess(images, pipe.processor.image_config, pipe.processor.max_pixels))
+        new_pixels, new_sizes = [], []
+        if images:
+            pixels, sizes, _ = pipe.processor.images(images)
+            new_pixels = list(pixels)
+            new_sizes = list(sizes) if sizes is not None else []
         messages = [] if self.system is None else [{"role": "system", "content": self.system}]
         user = {"role": "user", "content": with_image_markers(prompt, len(new_pixels))}
         messages += self.messages + [user]
@@ -313,32 +351,42 @@ class Conversation:
                 f"the message has {user['content'].count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) but "
                 f"{len(new_pixels)} image(s) were given"
             )
-        ids = pipe.processor.encode(text)
-        pixels = self.pixels + new_pixels
+        pixels, sizes = self.pixels + new_pixels, self.image_sizes + new_sizes
+        anyres = pipe.processor.image_config.mode == "anyres"
+        k = pipe.processor.num_image_tokens
+        counts = [pipe.processor.image_tokens(*size.tolist()) for size in sizes] if anyres else [k] * len(pixels)
+        ids = pipe.processor.encode(text, counts)
         prefix = self._reusable_prefix(ids)
-        k, image_id = pipe.processor.num_image_tokens, pipe.processor.image_token_id
-        n_new_images = sum(1 for i in ids[prefix:] if i == image_id) // k
-        suffix_pixels = torch.stack(pixels[len(pixels) - n_new_images :]) if n_new_images else None
-        gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        rows = pipe._rows(1)
+        # The images whose placeholders lie after the reused prefix (it never ends inside an image).
+        left, n_new_images = sum(1 for i in ids[prefix:] if i == pipe.processor.image_token_id), 0
+        while left > 0:
+            n_new_images += 1
+            left -= counts[-n_new_images]
+        suffix_pixels = suffix_sizes = None
+        if n_new_images and anyres:
+            suffix_pixels, suffix_sizes = pad_tiles(pixels[-n_new_images:]), torch.stack(sizes[-n_new_images:])
+        elif n_new_images:
+            suffix_pixels = torch.stack(pixels[-n_new_images:])
+        gen = pipe._settings(config, overrides, len(ids))
+        if self.cache is None:
+            self.cache = pipe.model.new_cache(1, len(ids) + gen.max_new_tokens)
+        self.cache.crop(prefix)
+        self._cached = ids[:prefix]
+        rows = pipe._rows(1, gen)
         # Checks arguments and sizes the cache now, so that errors surface here rather than at the first piece.
-        steps = pipe._steps(
-            torch.tensor([ids]), suffix_pixels, None, rows, gen, cached_prefix=prefix, owner=self._owner
-        )
-        self._cached = ids[:prefix]  # what stays valid if the prefill is interrupted
+        suffix = torch.tensor([ids[prefix:]])
+        steps = pipe._steps(suffix, suffix_pixels, None, rows, gen, cache=self.cache, image_sizes=suffix_sizes)
         self.last_prefill = len(ids) - prefix
-        return self._turn(steps, rows[0], ids, user, new_pixels)
+        return self._turn(steps, rows[0], ids, user, (new_pixels, new_sizes))
 
     def _turn(
-        self, steps: Iterator[torch.Tensor], row: _TextRow, ids: list[int], user: dict, new_pixels: list
+        self, steps: Iterator[torch.Tensor], row: _TextRow, ids: list[int], user: dict, new_images: tuple[list, list]
     ) -> Iterator[str]:
         answer_ids: list[int] = []
         answer: list[str] = []
         try:
             for token in steps:
                 answer_ids.append(int(token[0]))
-                # Every token but the last one yielded has been fed through the model.
-                self._cached = ids + answer_ids[:-1]
                 piece = row.take()
                 if piece:
                     answer.append(piece)
@@ -350,17 +398,18 @@ class Conversation:
                 yield piece
         finally:
             # Also on Ctrl-C or an abandoned iterator: what the user saw is the answer. An empty answer drops
-            # the turn (a template cannot render an empty message); the cache keeps what it holds either way.
+            # the turn (a template cannot render an empty message). The cache holds every token fed through the
+            # model: the prompt and all answer tokens but the last one yielded.
+            self._cached = (ids + answer_ids)[: self.cache.filled]
             text = "".join(answer).strip()
             if text:
                 self.messages += [user, {"role": "assistant", "content": text}]
-                self.pixels += new_pixels
+                self.pixels += new_images[0]
+                self.image_sizes += new_images[1]
 
     def _reusable_prefix(self, ids: list[int]) -> int:
         """How many leading ``ids`` the KV cache already holds for this conversation (never all of them: the
         last prompt token must run to give the first answer token's logits), not ending inside an image."""
-        if cache_owner(self.pipe.model) is not self._owner:
-            return 0
         n = 0
         for a, b in zip(self._cached, ids, strict=False):
             if a != b:

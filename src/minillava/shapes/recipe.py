@@ -362,7 +362,9 @@ def _first_correct(model: minillava.Llava, processor, qtype: str, fixed: str | N
         prompt = processor.format_chat([{"role": "user", "content": f"<image>\n{question}"}])
         enc = processor([prompt], [[q.image]], padding_side="left")
         with torch.no_grad():
-            ids = generate(model, enc["input_ids"], enc["pixel_values"], enc["attention_mask"], MAX_NEW_TOKENS)
+            ids = generate(
+                model, enc["input_ids"], enc["pixel_values"], enc["attention_mask"], max_new_tokens=MAX_NEW_TOKENS
+            )
         if answers_match(processor.decode(ids[0], skip_special_tokens=True), q.answer):
             return {"question": question, "answer": q.answer, "qtype": qtype, "source": q.image_id, "pil": q.image}
     return None
