@@ -129,6 +129,36 @@ def save_next_hf(model, directory: Path, **save_options: Any) -> Path:
     return directory
 
 
+def make_next_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """A random LLaVA-1.6 minillava checkpoint (28-px tiles, Mistral-style decoder, ``mistral_instruct``) with a
+    real sentencepiece tokenizer (``<image>`` = ``VOCAB_SIZE``); returns its directory."""
+    import minillava
+    from minillava.config import AnyresConfig, ImageConfig, LlavaConfig, TextConfig, VisionConfig
+    from minillava.model import Llava
+    from tests.sp_fixtures import VOCAB_SIZE, write_tokenizer_dir
+
+    tok = write_tokenizer_dir(directory.parent / f"{directory.name}-tokenizer")
+    config = LlavaConfig(
+        vision=VisionConfig(
+            hidden_size=32, intermediate_size=48, num_layers=3, num_heads=2, image_size=TILE, patch_size=PATCH
+        ),
+        text=TextConfig(
+            vocab_size=VOCAB_SIZE + 2, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+            num_kv_heads=2, rms_norm_eps=1e-5, pad_token_id=VOCAB_SIZE + 1, model_type="mistral",
+        ),
+        image_token_id=VOCAB_SIZE,
+        image=ImageConfig(mode="anyres", shortest_edge=TILE, crop_size=TILE),
+        chat_template="mistral_instruct",
+        anyres=AnyresConfig(grid_pinpoints=PINPOINTS),
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Llava(config)
+    spread_weights(model, seed)
+    files = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+    minillava.save(model, directory, extra_files=[tok / name for name in files])
+    return directory
+
+
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
     """Random noise over a colour gradient: every tile and every pixel of the resize differs."""
     rng = np.random.default_rng(seed)

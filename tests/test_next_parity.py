@@ -14,6 +14,7 @@ from torch.testing import assert_close
 
 import minillava
 from minillava.config import LlavaConfig
+from minillava.generate import generate
 from tests.hf_reference import IMAGE_TOKEN_ID, VOCAB
 from tests.next_reference import (
     ORIGINAL_PINPOINTS,
@@ -121,6 +122,26 @@ def test_loss_on_a_right_padded_batch_matches_transformers(hf_pair):
         expected = hf(input_ids=ids, attention_mask=mask, labels=labels, **pixels).loss
         got = ours(ids, pixels["pixel_values"], mask, labels, image_sizes=pixels["image_sizes"]).loss
     assert_close(got, expected, **FP32)
+
+
+def test_greedy_generation_matches_transformers(hf_pair):
+    """A left-padded batch (two images of different sizes, one, none), token for token; and each row alone."""
+    hf, ours, _, _ = hf_pair
+    images = [[random_image(30, 50), random_image(20, 20, seed=1)], [random_image(47, 188, seed=2)], []]
+    pixels = tf_image_processor()([image for row in images for image in row], return_tensors="pt")
+    ids, mask = left_pad(prompt_rows(ours.config, images, IMAGE_TOKEN_ID, seed=6))
+    with torch.no_grad():
+        expected = hf.generate(
+            input_ids=ids, attention_mask=mask, **pixels, max_new_tokens=12, do_sample=False, pad_token_id=0,
+            eos_token_id=None, suppress_tokens=[IMAGE_TOKEN_ID],
+        )[:, ids.shape[1] :]  # fmt: skip
+    got = generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], **pixels)
+    assert got.tolist() == expected.tolist()
+    alone_ids, _ = left_pad(prompt_rows(ours.config, images[1:2], IMAGE_TOKEN_ID, seed=7))
+    assert torch.equal(alone_ids[0], ids[1, -alone_ids.shape[1] :])
+    alone = generate(ours, alone_ids, pixels["pixel_values"][2:, :4], max_new_tokens=12, eos_token_id=[],
+                     image_sizes=pixels["image_sizes"][2:])  # fmt: skip
+    assert alone[0].tolist() == got[1].tolist()
 
 
 def test_converted_config_and_template(hf_pair):

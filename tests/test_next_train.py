@@ -10,41 +10,21 @@ import pytest
 import torch
 
 import minillava
-from minillava.config import AnyresConfig, ImageConfig, LlavaConfig, TextConfig, VisionConfig
+from minillava.config import LlavaConfig
 from minillava.data import Collator, LlavaDataset
 from minillava.labels import IGNORE_INDEX, training_example, truncate
-from minillava.model import Llava
 from minillava.processor import load_processor
 from minillava.train import TrainConfig, set_trainable, train, with_dummy_image
-from tests.next_reference import PINPOINTS, random_image
-from tests.sp_fixtures import VOCAB_SIZE, write_tokenizer_dir
+from tests.next_reference import make_next_checkpoint, random_image
 
 SIZES = [(20, 20), (30, 50), (50, 30), (90, 90), (40, 100)]  # (height, width): 36 to 88 placeholders
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random LLaVA-1.6 minillava checkpoint (28-px tiles, Mistral-style decoder) and a small dataset."""
     root = tmp_path_factory.mktemp("next-train")
-    tok = write_tokenizer_dir(root / "tokenizer")
-    config = LlavaConfig(
-        vision=VisionConfig(
-            hidden_size=32, intermediate_size=48, num_layers=3, num_heads=2, image_size=28, patch_size=7
-        ),
-        text=TextConfig(
-            vocab_size=VOCAB_SIZE + 2, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-            num_kv_heads=2, rms_norm_eps=1e-5, pad_token_id=VOCAB_SIZE + 1, model_type="mistral",
-        ),
-        image_token_id=VOCAB_SIZE,
-        image=ImageConfig(mode="anyres", shortest_edge=28, crop_size=28),
-        chat_template="mistral_instruct",
-        anyres=AnyresConfig(grid_pinpoints=PINPOINTS),
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = Llava(config)
-    torch.nn.init.normal_(model.image_newline)
-    minillava.save(model, root / "model", extra_files=[tok / name for name in TOKENIZER_FILES])
+    model_dir = make_next_checkpoint(root / "model")
     images = root / "images"
     images.mkdir()
     rng = random.Random(0)
@@ -65,7 +45,7 @@ def tiny(tmp_path_factory):
         )
     records.append({"id": "txt", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hi!"}]})
     (root / "data.json").write_text(json.dumps(records))
-    return root / "model", root / "data.json", images
+    return model_dir, root / "data.json", images
 
 
 def test_training_example_matches_the_processor(tiny):
