@@ -38,7 +38,8 @@ class LlavaOutput:
             but the last, and the last block's output after the final norm (``lm_head(hidden_states[-1])`` is the
             logits).
         attentions: per layer ``[B, heads, T, S]`` softmax probabilities over the ``S`` slots attended.
-        image_features: ``[N, K, D]`` projector rows of the images given.
+        image_features: ``[N, K, D]`` projector rows of the images given (for LLaVA-1.6 tiles, a list of each
+            image's ``[K_i, D]`` rows after the merge).
     """
 
     logits: torch.Tensor
@@ -46,7 +47,7 @@ class LlavaOutput:
     past_key_values: KVCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-    image_features: torch.Tensor | None = None
+    image_features: torch.Tensor | list[torch.Tensor] | None = None
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

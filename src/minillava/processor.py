@@ -44,7 +44,7 @@ class Processor:
         image_token_id: the placeholder id; each ``<image>`` becomes :meth:`image_tokens` of them.
         num_image_tokens: ``K``, the rows the projector emits per image (per tile for anyres images).
         anyres: the LLaVA-1.6 settings (``None`` for LLaVA-1.5 models); used when ``image_config.mode`` is
-            ``anyres``.
+            ``anyres``, with ``patch_size`` (the tower's) to count each image's placeholders.
         pad_token_id: the id padding positions get (the tokenizer's pad token, else the config's, else unk).
         max_pixels: the pixel limit for images (``None``: none).
     """
