@@ -73,7 +73,7 @@ def test_errors_name_the_numbers(setup):
     ids = batch["input_ids"]
     first = int((ids[0] == pipe.processor.image_token_id).nonzero()[0])
     short = torch.cat([ids[:, :first], ids[:, first + 3 :]], dim=1)  # three placeholders fewer
-    with pytest.raises(ValueError, match=r"49 image placeholders .* need 52"):
+    with pytest.raises(ValueError, match=r"49 image placeholders .* give 52 feature rows \(52 in order\)"):
         generate(pipe.model, short, batch["pixel_values"], image_sizes=batch["image_sizes"])
     with pytest.raises(ValueError, match=r"pixel_values must be \[N, tiles, 3, 28, 28\]"):
         generate(pipe.model, batch["input_ids"], batch["pixel_values"][0], image_sizes=batch["image_sizes"])

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .image import check_image_count
+
 
 def embed_with_images(
     embed_tokens: nn.Embedding,
@@ -20,30 +22,15 @@ def embed_with_images(
     the batch), K rows each; or a list of ``[K_i, D]``, one per image, when images differ in rows
     (LLaVA-1.6). Placeholder ids are never looked up, so the id may lie outside the vocabulary.
     """
-    rows, described = _flat_rows(image_rows)
     is_image = input_ids == image_token_id
-    n_placeholders = int(is_image.sum())
-    n_rows = 0 if rows is None else rows.shape[0]
-    if n_placeholders != n_rows:
-        raise ValueError(
-            f"input_ids hold {n_placeholders} image placeholders (id {image_token_id}) but the images give "
-            f"{n_rows} feature rows{described}; each image needs exactly its K placeholders"
-        )
+    if isinstance(image_rows, (list, tuple)):
+        images, per_image = len(image_rows), [rows.shape[0] for rows in image_rows]
+        image_rows = torch.cat(list(image_rows)) if image_rows else None
+    else:
+        images, per_image = (0, 1) if image_rows is None else image_rows.shape[:2]
+    check_image_count(int(is_image.sum()), images, per_image=per_image, placeholder_id=image_token_id)
     embeds = embed_tokens(input_ids.masked_fill(is_image, 0))
-    if rows is None:
-        return embeds
-    return embeds.masked_scatter(is_image[..., None], rows.to(embeds.dtype))
-
-
-def _flat_rows(image_rows: torch.Tensor | Sequence[torch.Tensor] | None) -> tuple[torch.Tensor | None, str]:
-    """All image rows as one ``[R, D]`` tensor (``None`` for no images), and how errors describe them."""
     if image_rows is None:
-        return None, ""
-    if isinstance(image_rows, torch.Tensor):
-        return image_rows.reshape(
-            -1, image_rows.shape[-1]
-        ), f" ({image_rows.shape[0]} images x {image_rows.shape[1]} rows)"
-    counts = [rows.shape[0] for rows in image_rows]
-    if not counts:
-        return None, ""
-    return torch.cat(list(image_rows)), f" ({len(counts)} images of {', '.join(map(str, counts))} rows)"
+        return embeds
+    rows = image_rows.reshape(-1, image_rows.shape[-1]).to(embeds.dtype)
+    return embeds.masked_scatter(is_image[..., None], rows)

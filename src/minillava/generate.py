@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import KVCache
+from .image import check_image_count
 from .model import Llava
 
 StopHook = Callable[[torch.Tensor], Sequence[bool] | None]
@@ -201,19 +202,14 @@ def _check_inputs(
                 f"got {list(pixel_values.shape)}"
             )
     config = model.config
+    placeholders = int((input_ids == config.image_token_id).sum())
     images = 0 if pixel_values is None else pixel_values.shape[0]
+    per_image: int | list[int] = config.num_image_tokens
     if image_sizes is not None and pixel_values is not None:
         if tuple(image_sizes.shape) != (images, 2):
             raise ValueError(f"image_sizes must be [{images}, 2] (height, width), got {list(image_sizes.shape)}")
-        need, each = sum(config.anyres_token_count(h, w) for h, w in image_sizes.tolist()), "its size's count"
-    else:
-        need, each = images * config.num_image_tokens, f"{config.num_image_tokens}"
-    placeholders = int((input_ids == config.image_token_id).sum())
-    if placeholders != need:
-        raise ValueError(
-            f"input_ids hold {placeholders} image placeholders (id {config.image_token_id}, {each} per image) but "
-            f"pixel_values holds {images} image(s), which need {need}"
-        )
+        per_image = [config.anyres_token_count(h, w) for h, w in image_sizes.tolist()]
+    check_image_count(placeholders, images, per_image=per_image, placeholder_id=config.image_token_id)
 
 
 def stream_generate(

@@ -27,18 +27,9 @@ from .chat import ChatTemplate, get_template
 from .checkpoint import load
 from .config import BUNDLED_MODEL
 from .generate import GenerationConfig, resolve_eos, settings, stream_generate
-from .image import ImageInput, pad_tiles
+from .image import ImageInput, check_image_count, image_list, pad_tiles
 from .processor import Processor, load_processor
 from .tokenizer import IMAGE_MARKER
-
-
-def image_list(images: Sequence[ImageInput] | ImageInput | None) -> list[ImageInput]:
-    """``None`` -> ``[]``, one image (path, bytes or PIL image) -> ``[image]``, a sequence -> a list."""
-    if images is None:
-        return []
-    if isinstance(images, (str, os.PathLike, bytes, bytearray)) or not isinstance(images, Sequence):
-        return [images]
-    return list(images)
 
 
 def with_image_markers(text: str, n_images: int) -> str:
@@ -194,15 +185,8 @@ class Pipeline:
         batch = self.processor(texts, images=groups, padding_side="left")
         gen = self._settings(config, overrides, batch["input_ids"].shape[1])
         rows = self._rows(len(texts), gen)
-        steps = self._steps(
-            batch["input_ids"],
-            batch["pixel_values"],
-            batch["attention_mask"],
-            rows,
-            gen,
-            None,
-            batch.get("image_sizes"),
-        )
+        inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        steps = self._steps(*inputs, rows, gen, image_sizes=batch.get("image_sizes"))
         for _ in steps:
             pass
         for row in rows:
@@ -346,11 +330,8 @@ class Conversation:
         user = {"role": "user", "content": with_image_markers(prompt, len(new_pixels))}
         messages += self.messages + [user]
         text = pipe.template.format(messages)
-        if text.count(IMAGE_MARKER) != len(self.pixels) + len(new_pixels):
-            raise ValueError(
-                f"the message has {user['content'].count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) but "
-                f"{len(new_pixels)} image(s) were given"
-            )
+        # The earlier turns' markers have their images: what is left over belongs to this message.
+        check_image_count(text.count(IMAGE_MARKER) - len(self.pixels), len(new_pixels), "the message: ")
         pixels, sizes = self.pixels + new_pixels, self.image_sizes + new_sizes
         anyres = pipe.processor.image_config.mode == "anyres"
         k = pipe.processor.num_image_tokens

@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from .anyres import num_features
 from .chat import ChatTemplate, default_template_for, get_template
@@ -22,16 +21,17 @@ from .checkpoint import load_config
 from .config import IMAGE_MODES, AnyresConfig, ImageConfig
 from .image import (
     DEFAULT_MAX_PIXELS,
+    SINGLE_IMAGE_TYPES,
     ImageInput,
     anyres_pixel_values,
+    check_image_count,
     describe,
+    image_list,
     load_image,
     pad_tiles,
     pixel_values,
 )
 from .tokenizer import IMAGE_MARKER, IncrementalDecoder, Tokenizer, pad_batch
-
-_SINGLE_IMAGE = (str, os.PathLike, bytes, bytearray, Image.Image)
 
 
 class Processor:
@@ -183,20 +183,17 @@ class Processor:
         if not texts:
             raise ValueError("empty batch: no prompts given")
         per_text = self._group_images(texts, images, batched)
+        wheres = [f"prompt {i}: " if batched else "" for i in range(len(texts))]
+        for where, prompt, imgs in zip(wheres, texts, per_text, strict=True):
+            if not isinstance(prompt, str):
+                raise ValueError(f"{where}a prompt must be a str, got {type(prompt).__name__}")
+            check_image_count(prompt.count(IMAGE_MARKER), len(imgs), where)
         flat = [img for imgs in per_text for img in imgs]
+        # Images first: an anyres image's placeholder count depends on its size.
         pixels, sizes, counts = self.images(flat) if flat else (None, None, [])
         ids = []
         first = 0
-        for i, (prompt, imgs) in enumerate(zip(texts, per_text, strict=True)):
-            where = f"prompt {i}: " if batched else ""
-            if not isinstance(prompt, str):
-                raise ValueError(f"{where}a prompt must be a str, got {type(prompt).__name__}")
-            markers = prompt.count(IMAGE_MARKER)
-            if markers != len(imgs):
-                raise ValueError(
-                    f"{where}the prompt has {markers} {IMAGE_MARKER} marker(s) but {len(imgs)} image(s) were given; "
-                    f"write one {IMAGE_MARKER} per image, in the order of the images"
-                )
+        for where, prompt, imgs in zip(wheres, texts, per_text, strict=True):
             try:
                 ids.append(self.encode(prompt, counts[first : first + len(imgs)]))
             except ValueError as err:
@@ -213,10 +210,8 @@ class Processor:
         if images is None:
             return [[] for _ in texts]
         if not batched:
-            if isinstance(images, _SINGLE_IMAGE):
-                return [[images]]
-            return [list(images)]
-        if isinstance(images, _SINGLE_IMAGE) or not isinstance(images, Sequence):
+            return [image_list(images)]
+        if isinstance(images, SINGLE_IMAGE_TYPES) or not isinstance(images, Sequence):
             raise ValueError("for a batch of prompts pass images as a list with one list of images per prompt")
         if len(images) != len(texts):
             raise ValueError(
@@ -226,7 +221,7 @@ class Processor:
         for i, group in enumerate(images):
             if group is None:
                 groups.append([])
-            elif isinstance(group, _SINGLE_IMAGE):
+            elif isinstance(group, SINGLE_IMAGE_TYPES):
                 raise ValueError(f"images[{i}] must be a list of images for prompt {i}, got a single image")
             else:
                 groups.append(list(group))
