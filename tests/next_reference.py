@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tests.hf_reference import IMAGE_TOKEN_ID, VOCAB, round_to_fp16, save_hf, spread_weights
+from tests.hf_reference import IMAGE_TOKEN_ID, VOCAB, original_state, round_to_fp16, save_hf, spread_weights
 
 TILE, PATCH = 28, 7
 # transformers' LLaVA-1.6 pinpoints (height, width) / 12: 1x2, 2x1, 2x2, 3x1, 1x3 tiles.
@@ -178,28 +178,6 @@ def png(image: Image.Image) -> bytes:
 # --- original LLaVA (liuhaotian/llava-v1.6-*) built from a transformers model ------------------------------------
 
 
-def original_next_state(model) -> dict[str, torch.Tensor]:
-    """The weights under original LLaVA-1.6 names: decoder ``model.*``/``lm_head``, ``model.mm_projector.{0,2}``,
-    ``model.image_newline`` and the tuned tower ``model.vision_tower.vision_tower.vision_model.*``."""
-    state = {}
-    for key, value in model.state_dict().items():
-        value = value.detach().clone()
-        if key.startswith("model.language_model."):
-            state["model." + key[len("model.language_model.") :]] = value
-        elif key == "lm_head.weight":
-            state[key] = value
-        elif key == "model.image_newline":
-            state[key] = value
-        elif key.startswith("model.multi_modal_projector."):
-            rest = key[len("model.multi_modal_projector.") :].replace("linear_1.", "0.").replace("linear_2.", "2.")
-            state["model.mm_projector." + rest] = value
-        elif key.startswith("model.vision_tower."):
-            state["model.vision_tower.vision_tower.vision_model." + key[len("model.vision_tower.") :]] = value
-        else:
-            raise KeyError(key)
-    return state
-
-
 def original_next_config(model, **overrides: Any) -> dict[str, Any]:
     """A ``llava_mistral`` ``config.json``: flat Mistral fields plus the v1.6 ``mm_*`` and anyres ones."""
     text, vision = model.config.text_config, model.config.vision_config
@@ -246,7 +224,9 @@ def original_next_config(model, **overrides: Any) -> dict[str, Any]:
 def save_original_next(model, directory: Path, **config_overrides: Any) -> Path:
     """An original-layout LLaVA-1.6 directory: fp16 safetensors with the tower inside, config, preprocessor."""
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.half() for k, v in original_next_state(model).items()}
+    # The tuned tower inside, under model.vision_tower.vision_tower.vision_model.*; stale inv_freq buffers too.
+    state, _ = original_state(model, tower_inside=True)
+    state = {k: v if k.endswith("inv_freq") else v.half() for k, v in state.items()}
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(original_next_config(model, **config_overrides)))
     (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor_dict()))
