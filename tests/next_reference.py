@@ -23,7 +23,15 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tests.hf_reference import IMAGE_TOKEN_ID, VOCAB, original_state, round_to_fp16, save_hf, spread_weights
+from tests.hf_reference import (
+    IMAGE_TOKEN_ID,
+    VOCAB,
+    original_config,
+    original_state,
+    round_to_fp16,
+    save_hf,
+    spread_weights,
+)
 
 TILE, PATCH = 28, 7
 # transformers' LLaVA-1.6 pinpoints (height, width) / 12: 1x2, 2x1, 2x2, 3x1, 1x3 tiles.
@@ -179,46 +187,21 @@ def png(image: Image.Image) -> bytes:
 
 
 def original_next_config(model, **overrides: Any) -> dict[str, Any]:
-    """A ``llava_mistral`` ``config.json``: flat Mistral fields plus the v1.6 ``mm_*`` and anyres ones."""
-    text, vision = model.config.text_config, model.config.vision_config
-    config = {
+    """A ``llava_mistral`` ``config.json``: the flat decoder fields plus the v1.6 ``mm_*`` and anyres ones."""
+    v16 = {
         "architectures": ["LlavaMistralForCausalLM"],
         "model_type": "llava_mistral",
-        "vocab_size": text.vocab_size,
-        "hidden_size": text.hidden_size,
-        "intermediate_size": text.intermediate_size,
-        "num_hidden_layers": text.num_hidden_layers,
-        "num_attention_heads": text.num_attention_heads,
-        "num_key_value_heads": text.num_key_value_heads,
-        "head_dim": text.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": text.rms_norm_eps,
-        "max_position_embeddings": text.max_position_embeddings,
-        "rope_theta": text.rope_parameters["rope_theta"],
         "sliding_window": None,
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "torch_dtype": "float16",
         "image_aspect_ratio": "anyres",
         "image_grid_pinpoints": ORIGINAL_PINPOINTS,
         "image_crop_resolution": 224,
         "image_split_resolution": 224,
-        "mm_hidden_size": vision.hidden_size,
         "mm_patch_merge_type": "spatial_unpad",
-        "mm_projector_type": "mlp2x_gelu",
-        "mm_vision_select_layer": -2,
-        "mm_vision_select_feature": "patch",
-        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
-        "mm_use_im_start_end": False,
-        "mm_use_im_patch_token": False,
         "tokenizer_model_max_length": 4096,
         "tokenizer_padding_side": "left",
         "unfreeze_mm_vision_tower": True,
-        "use_mm_proj": True,
     }
-    config.update(overrides)
-    return config
+    return original_config(model, **{**v16, **overrides})
 
 
 def save_original_next(model, directory: Path, **config_overrides: Any) -> Path:
