@@ -205,10 +205,13 @@ def original_next_config(model, **overrides: Any) -> dict[str, Any]:
 
 
 def save_original_next(model, directory: Path, **config_overrides: Any) -> Path:
-    """An original-layout LLaVA-1.6 directory: fp16 safetensors with the tower inside, config, preprocessor."""
+    """An original-layout LLaVA-1.6 directory: fp16 safetensors with the tower inside, config, preprocessor. With
+    ``mm_patch_merge_type="flat"`` the weights have no ``image_newline``, as the original builds none then."""
     directory.mkdir(parents=True, exist_ok=True)
     # The tuned tower inside, under model.vision_tower.vision_tower.vision_model.*; stale inv_freq buffers too.
     state, _ = original_state(model, tower_inside=True)
+    if config_overrides.get("mm_patch_merge_type") == "flat":
+        del state["model.image_newline"]
     state = {k: v if k.endswith("inv_freq") else v.half() for k, v in state.items()}
     save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(original_next_config(model, **config_overrides)))

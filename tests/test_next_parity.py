@@ -219,3 +219,47 @@ def test_original_rules_are_recorded(original_pair):
     direct = minillava.load(src, dtype=torch.float32)
     assert direct.config == ours.config
     assert all(torch.equal(direct.state_dict()[k], v) for k, v in ours.state_dict().items())
+
+
+def test_original_flat_merge(tmp_path, capsys):
+    """``mm_patch_merge_type: flat``: every tile's rows in a row, no newline. The reference is transformers' own tower
+    and projector on the same tiles, their rows spliced in order, run through its decoder."""
+    from minillava.anyres import num_tiles
+
+    hf = make_next_model(seed=4, fp16_values=True, vision={"hidden_size": 64, "num_attention_heads": 1})
+    src = save_original_next(hf, tmp_path / "llava-v1.6-mistral-7b", mm_patch_merge_type="flat")
+    assert convert_main([str(src), str(tmp_path / "converted")]) == 0
+    ours = minillava.load(tmp_path / "converted", dtype=torch.float32)
+    assert ours.image_newline is None and ours.config.anyres.merge == "flat"
+    images = [random_image(30, 50), random_image(20, 20, seed=1)]
+    pixels = tf_image_processor(pinpoints=transposed(ORIGINAL_PINPOINTS))(images, return_tensors="pt")
+    tiles = [num_tiles(h, w, ours.config.anyres.grid_pinpoints, 28) for h, w in pixels["image_sizes"].tolist()]
+    ids, _ = left_pad(prompt_rows(ours.config, [images], VOCAB, seed=8))
+    assert (ids == VOCAB).sum() == 16 * sum(tiles) == 16 * (5 + 3)
+    with torch.no_grad():
+        flat = torch.cat([pixels["pixel_values"][i, :n] for i, n in enumerate(tiles)])
+        rows = hf.model.multi_modal_projector(
+            hf.model.vision_tower(flat, output_hidden_states=True).hidden_states[-2][:, 1:]
+        )
+        embeds = hf.get_input_embeddings()(ids.masked_fill(ids == VOCAB, 0))
+        embeds = embeds.masked_scatter((ids == VOCAB)[..., None], rows.reshape(-1, rows.shape[-1]))
+        expected = hf(inputs_embeds=embeds).logits
+        got = ours(ids, pixels["pixel_values"], image_sizes=pixels["image_sizes"]).logits
+    assert expected.std() > 1.0
+    assert_close(got, expected, **FP32)
+    capsys.readouterr()
+    assert convert_main(["--to", "hf", "--pad-vocab", str(tmp_path / "converted"), str(tmp_path / "hf")]) == 1
+    assert "only implements spatial_unpad" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "needle"), [({"sliding_window": 4096}, "sliding_window is 4096:"), ({}, "(Mistral")])
+def test_a_sliding_window_is_refused(tmp_path, capsys, text, needle):
+    hf = make_next_model(seed=5)
+    src = save_next_hf(hf, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["text_config"].pop("sliding_window", None)
+    config["text_config"].update(text)
+    (src / "config.json").write_text(json.dumps(config))
+    assert convert_main([str(src), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and "set sliding_window to null" in err and not (tmp_path / "out").exists()
