@@ -81,3 +81,5 @@ def test_errors_name_the_numbers(setup):
     with pytest.raises(ValueError, match="image placeholders"):
         generate(pipe.model, batch["input_ids"], batch["pixel_values"], image_sizes=wrong, max_new_tokens=2)
     assert torch.equal(batch["image_sizes"], torch.tensor([[30, 50]]))
+    with pytest.raises(ValueError, match=r"positive \(height, width\), got \(30, 0\)"):
+        generate(pipe.model, batch["input_ids"], batch["pixel_values"], image_sizes=torch.tensor([[30, 0]]))

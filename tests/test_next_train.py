@@ -126,3 +126,5 @@ def test_anyres_needs_its_settings(tiny):
         model.encode_images(pixels, torch.tensor([[20, 20]]))
     with pytest.raises(ValueError, match="need both pixel_values"):
         model.encode_images(pixels)
+    with pytest.raises(ValueError, match=r"positive \(height, width\), got \(0, 20\)"):
+        model.encode_images(pixels, torch.tensor([[0, 20]]))

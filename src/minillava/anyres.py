@@ -30,6 +30,8 @@ Size = tuple[int, int]
 def best_resolution(height: int, width: int, pinpoints: Sequence[Size]) -> Size:
     """The canvas ``(height, width)`` an image is fitted into: the most image pixels kept after fitting, then the
     least canvas wasted; the first of equal candidates wins (so the list's order matters on ties)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"an image size must be a positive (height, width), got ({height}, {width})")
     best = None
     best_kept, best_waste = 0, math.inf
     for canvas_h, canvas_w in pinpoints:
