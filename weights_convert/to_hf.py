@@ -6,15 +6,21 @@ The weights get the transformers 4.x hub names (``language_model.model.*``, ``la
 top of ``text_config`` (the 4.x form, which 5.x also reads). Tensors are copied byte for byte, so converting a
 llava-hf checkpoint and exporting it again gives back the same tensors.
 
-Two things llava-hf cannot express are refused: a projector other than ``mlp2x_gelu``, and a placeholder id
-outside the vocabulary (what original-LLaVA conversions use). transformers looks the placeholder id up in the
-embedding before overwriting it, so it needs a row; ``pad_vocab`` appends rows as llava-hf's own conversion did.
-
 The export also says how minillava generates, in transformers' terms, so that ``generate(**inputs)`` and
 ``pipeline("image-text-to-text")`` give minillava's answers with no extra arguments: ``generation_config.json``
 (greedy unless the checkpoint samples, its EOS plus the template's one-token stop strings, the pad id, and the
 placeholder id, which minillava never generates, in ``suppress_tokens``) and ``chat_template.jinja`` (the
 checkpoint's own chat template; see :mod:`weights_convert.hf_chat_template`).
+
+A LLaVA-1.6 checkpoint becomes ``LlavaNextForConditionalGeneration`` (``llava_next``, its pinpoints as
+``(height, width)`` in the recorded order, ``image_newline``). transformers always rounds in unpad and never cuts the
+sequence, so a checkpoint converted from original LLaVA keeps its tie-break but follows transformers' other two rules
+once exported (they differ on 32 of the 1.21 M sizes up to 1100 x 1100; ``docs/llava-next.md``).
+
+Things llava-hf cannot express are refused: a projector other than ``mlp2x_gelu``, LLaVA-1.6's ``flat`` merge, and
+a placeholder id outside the vocabulary (what original-LLaVA conversions use). transformers looks the placeholder id
+up in the embedding before overwriting it, so it needs a row; ``pad_vocab`` appends rows as llava-hf's own
+conversion did.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 from minillava.chat import ChatTemplate, default_template_for, get_template
 from minillava.checkpoint import TOKENIZER_FILES
 from minillava.config import LlavaConfig, VisionConfig, read_json
+from minillava.folders import atomic_directory
 from minillava.generate import GenerationConfig
 from minillava.layouts.keymaps import HF_V4, UnmappedKeyError
 from minillava.layouts.reading import ConversionError
@@ -38,7 +45,6 @@ from minillava.layouts.source import MinillavaSource, Planned, cast, cast_dtype,
 from minillava.safetensors_io import (
     DEFAULT_SHARD_BYTES,
     ProgressFn,
-    atomic_directory,
     dtype_name,
     open_safetensors,
     write_shards,
@@ -87,8 +93,13 @@ def hf_config_dict(config: LlavaConfig, vocab_size: int, dtype: torch.dtype) -> 
             f"projector {config.projector_type!r}: llava-hf's projector is two Linears with GELU between "
             "(mlp2x_gelu) and cannot express this one; keep the checkpoint in the minillava layout"
         )
+    if config.anyres is not None and config.anyres.merge != "spatial_unpad":
+        raise ConversionError(
+            f"LLaVA-1.6 merge {config.anyres.merge!r}: transformers' LlavaNext only implements spatial_unpad; keep the "
+            "checkpoint in the minillava layout"
+        )
     text = {
-        "model_type": "llama",
+        "model_type": t.model_type,
         "vocab_size": vocab_size,
         "hidden_size": t.hidden_size,
         "intermediate_size": t.intermediate_size,
@@ -109,9 +120,15 @@ def hf_config_dict(config: LlavaConfig, vocab_size: int, dtype: torch.dtype) -> 
         "pad_token_id": t.pad_token_id,
         "torch_dtype": dtype_name(dtype),
     }
+    if t.model_type == "mistral":
+        text["sliding_window"] = None  # MistralConfig's default is 4096
+    next_fields = {}
+    if config.anyres is not None:
+        next_fields = {"image_grid_pinpoints": [list(p) for p in config.anyres.grid_pinpoints]}
     return {
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
+        "architectures": ["LlavaNextForConditionalGeneration" if next_fields else "LlavaForConditionalGeneration"],
+        "model_type": "llava_next" if next_fields else "llava",
+        **next_fields,
         "image_token_index": config.image_token_id,
         "projector_hidden_act": "gelu",
         "multimodal_projector_bias": config.projector_bias,
@@ -144,10 +161,18 @@ def clip_vision_dict(v: VisionConfig) -> dict[str, Any]:
 def preprocessor_dict(config: LlavaConfig) -> dict[str, Any]:
     """The image processor settings; ``pad`` mode needs ``LlavaImageProcessor(do_pad=True)`` (transformers >= 4.51)."""
     image = config.image
+    kind = "LlavaImageProcessor" if image.mode == "pad" else "CLIPImageProcessor"
+    extra: dict[str, Any] = {}
+    if config.anyres is not None:  # LlavaNext's do_pad pads the tile axis to the batch's most tiles
+        kind, extra = (
+            "LlavaNextImageProcessor",
+            {"image_grid_pinpoints": [list(p) for p in config.anyres.grid_pinpoints]},
+        )
     return {
-        "image_processor_type": "LlavaImageProcessor" if image.mode == "pad" else "CLIPImageProcessor",
-        "processor_class": "LlavaProcessor",
-        "do_pad": image.mode == "pad",
+        "image_processor_type": kind,
+        "processor_class": processor_class(config),
+        **extra,
+        "do_pad": image.mode == "pad" or config.anyres is not None,
         "do_convert_rgb": True,
         "do_resize": True,
         "size": {"shortest_edge": image.shortest_edge},
@@ -162,10 +187,14 @@ def preprocessor_dict(config: LlavaConfig) -> dict[str, Any]:
     }
 
 
+def processor_class(config: LlavaConfig) -> str:
+    return "LlavaProcessor" if config.anyres is None else "LlavaNextProcessor"
+
+
 def processor_dict(config: LlavaConfig) -> dict[str, Any]:
     # The processor expands <image> to (image_size / patch)^2 + 1 - (1 if strategy is "default") placeholders.
     return {
-        "processor_class": "LlavaProcessor",
+        "processor_class": processor_class(config),
         "image_token": IMAGE_TOKEN,
         "patch_size": config.vision.patch_size,
         "vision_feature_select_strategy": config.vision_feature_select_strategy,
@@ -257,6 +286,7 @@ def export_hf(
     force: bool = False,
     pad_vocab: bool = False,
     progress: ProgressFn | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Write the minillava checkpoint ``src`` to ``dst`` in the llava-hf layout, atomically; return its config.json.
 
@@ -268,6 +298,7 @@ def export_hf(
         force: replace a non-empty ``dst`` once the new one is complete.
         pad_vocab: grow the vocabulary when the placeholder id lies outside it (else that is refused).
         progress: called as ``progress(i, n, path)`` before each source file.
+        allow_nonfinite: write floating tensors holding NaN or infinite values (refused by default, naming them).
     """
     src = Path(src)
     source = MinillavaSource(src)
@@ -287,8 +318,8 @@ def export_hf(
     llm_dtype = next(d for name, _, d in entries if name == HF_V4.to_theirs("llm.embed_tokens.weight"))
     hf_config = hf_config_dict(config, vocab, llm_dtype)
     sources = [(path, functools.partial(_hf_tensors, path, planned, dtype, vocab)) for path, planned in files]
-    with atomic_directory(dst, force=force) as tmp:
-        write_shards(tmp, entries, sources, max_shard_bytes, progress)
+    with atomic_directory(dst, force=force, sources=[src]) as tmp:
+        write_shards(tmp, entries, sources, max_shard_bytes, progress, allow_nonfinite)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_dict(config), indent=2) + "\n")
         (tmp / "processor_config.json").write_text(json.dumps(processor_dict(config), indent=2) + "\n")

@@ -1,7 +1,7 @@
 """minillava: a small, exact and fast pure-PyTorch LLaVA.
 
-The public names are imported on first use, so that ``import minillava`` (and ``minillava --help``) does not pay
-for torch until something needs it.
+The names below are imported on first use, so that ``import minillava.cli`` (the command line) starts without
+torch and can answer Ctrl-C while torch loads.
 """
 
 from __future__ import annotations
@@ -9,29 +9,48 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "Llava": ".model",
-    "LlavaConfig": ".config",
-    "LlavaOutput": ".model",
-    "Pipeline": ".pipeline",
-    "Processor": ".processor",
-    "TextConfig": ".config",
-    "VisionConfig": ".config",
-    "format_chat": ".chat",
-    "generate": ".generate",
-    "load": ".checkpoint",
-    "load_processor": ".processor",
-    "save": ".checkpoint",
+    "Llava": "model",
+    "LlavaConfig": "config",
+    "LlavaOutput": "model",
+    "Pipeline": "pipeline",
+    "Processor": "processor",
+    "TextConfig": "config",
+    "VisionConfig": "config",
+    "format_chat": "chat",
+    "generate": "generate",
+    "load": "checkpoint",
+    "load_processor": "processor",
+    "save": "checkpoint",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Llava",
+    "LlavaConfig",
+    "LlavaOutput",
+    "Pipeline",
+    "Processor",
+    "TextConfig",
+    "VisionConfig",
+    "format_chat",
+    "generate",
+    "load",
+    "load_processor",
+    "save",
+]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        try:  # a submodule (minillava.checkpoint, ...), as if the package had imported it
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'minillava' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value
     return value
 
@@ -40,11 +59,21 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
 
 
+if TYPE_CHECKING:
+    from .chat import format_chat
+    from .checkpoint import load, save
+    from .config import LlavaConfig, TextConfig, VisionConfig
+    from .generate import generate
+    from .model import Llava, LlavaOutput
+    from .pipeline import Pipeline
+    from .processor import Processor, load_processor
+
+
 class _Package(types.ModuleType):
     """``minillava.generate`` is the function, though a submodule has the same name: loading a submodule sets the
     package attribute of its name, which here would replace the function by the module."""
 
-    def __setattr__(self, name: str, value) -> None:
+    def __setattr__(self, name: str, value: Any) -> None:
         if name == "generate" and isinstance(value, types.ModuleType):
             return
         super().__setattr__(name, value)

@@ -9,6 +9,7 @@ half-loaded. Writing goes to a temporary directory that is renamed at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Iterable
@@ -19,14 +20,15 @@ import torch
 from .chat import default_template_for
 from .config import LlavaConfig
 from .device import resolve_device
+from .folders import atomic_directory
 from .hub import resolve
 from .layouts import detect, load_source
 from .layouts.source import cast, cast_dtype, plan
 from .model import Llava
 from .safetensors_io import (
     DEFAULT_SHARD_BYTES,
-    atomic_directory,
     dtype_name,
+    weights_dtype,
     write_state,
 )
 
@@ -72,7 +74,7 @@ def weights_bytes(path: str | os.PathLike) -> int:
 
 def load(
     path: str | os.PathLike,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     vision_tower: str | os.PathLike | None = None,
 ) -> Llava:
@@ -85,12 +87,13 @@ def load(
         path: a directory written by ``python -m weights_convert`` or :func:`minillava.save`, or a llava-hf /
             original LLaVA checkpoint directory, or a Hugging Face hub id such as ``llava-hf/llava-1.5-7b-hf``
             (:mod:`minillava.hub`).
-        dtype: cast floating weights to this dtype (default: keep the stored dtype).
+        dtype: cast floating weights to this dtype (``torch.bfloat16`` or its name ``"bfloat16"``; default: keep
+            the stored dtype).
         device: where the weights go: a torch device, or ``"auto"`` (:func:`minillava.device.resolve_device`).
         vision_tower: for an original LLaVA directory whose weights lack the vision tower, the CLIP checkpoint
             directory (or hub id) to take it from.
     """
-    return load_source(_source(path, vision_tower), dtype, resolve_device(device))
+    return load_source(_source(path, vision_tower), weights_dtype(dtype), resolve_device(device))
 
 
 def write_checkpoint(
@@ -156,6 +159,7 @@ def describe_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike
         "image_mode": config.image.mode,
         "tokens_per_image": config.num_image_tokens,
         "image_token_id": config.image_token_id,
+        "anyres": None if config.anyres is None else dataclasses.asdict(config.anyres),
         "template": config.chat_template or default_template_for(path.resolve(), config.source_layout),
         "eos_token_id": t.eos_token_id,
     }

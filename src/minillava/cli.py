@@ -20,10 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .chat import TEMPLATES
-from .config import BUNDLED_MODEL
+from .config import BUNDLED_MODEL, DTYPE_NAMES
 from .device import DEVICE_CHOICES
-
-DTYPE_NAMES = ("bfloat16", "float16", "float32")  # minillava.safetensors_io.DTYPES, without importing torch
 
 CHAT_HELP = """\
 Commands inside the chat:
@@ -96,7 +94,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only")
     p.add_argument("--seed", type=int, metavar="S", help="seed for sampling (same seed, same answer)")
     p.add_argument(
-        "--dtype", choices=DTYPE_NAMES, help="weights' dtype (default: as stored; bfloat16 halves fp32 memory)"
+        "--dtype", choices=sorted(DTYPE_NAMES), help="weights' dtype (default: as stored; bfloat16 halves fp32 memory)"
     )
     p.add_argument(
         "--device",
@@ -182,17 +180,15 @@ def _pipeline(args: argparse.Namespace):
     from .hub import resolve
     from .pipeline import Pipeline
     from .progress import human_bytes, notice_if_slow
-    from .safetensors_io import DTYPES
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     path = resolve(_model_dir(args.model))  # a hub id may download here, with the hub client's progress bars
-    dtype = DTYPES.get(args.dtype)
     size = human_bytes(weights_bytes(path)) if path.is_dir() else "?"
-    message = f"loading {path} ({size}{f' as {args.dtype}' if dtype else ''}) on {device}..."
+    message = f"loading {path} ({size}{f' as {args.dtype}' if args.dtype else ''}) on {device}..."
     with notice_if_slow(message):
-        return Pipeline(path, dtype=dtype, device=device, template=args.template, compile=args.compile)
+        return Pipeline(path, dtype=args.dtype, device=device, template=args.template, compile=args.compile)
 
 
 def _gen_kwargs(args: argparse.Namespace) -> dict:
@@ -224,6 +220,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     _check_images(args.image)
+    if hasattr(sys.stdin, "reconfigure"):
+        # A line that is not UTF-8 reaches the tokenizer, which refuses it by name, instead of ending the chat.
+        sys.stdin.reconfigure(errors="surrogateescape")
     try:
         import readline  # noqa: F401  (input() then edits lines and recalls earlier ones with the arrow keys)
     except ImportError:  # not on every platform
@@ -271,7 +270,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         try:
             pieces = conv.stream(text, pending, **gen)
         except (ValueError, OSError) as err:
-            print(f"error: {_one_line(err)}")
+            dropped = f" ({len(pending)} attached image(s) dropped; /image to attach again)" if pending else ""
+            print(f"error: {_one_line(err)}{dropped}")
+            pending = []
             continue
         pending = []
         sys.stdout.write("ASSISTANT: ")
@@ -324,8 +325,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         (
             "image",
             f"{info['image_size']}x{info['image_size']} px ({info['image_mode']}), "
-            f"{info['tokens_per_image']} tokens per image (id {info['image_token_id']})",
+            f"{info['tokens_per_image']} tokens per {'tile' if info['anyres'] else 'image'} "
+            f"(id {info['image_token_id']})",
         ),
+        *_anyres_rows(info["anyres"]),
         ("template", info["template"]),
         ("eos id", str(info["eos_token_id"])),
     ]
@@ -333,6 +336,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _anyres_rows(anyres: dict | None) -> list[tuple[str, str]]:
+    if anyres is None:
+        return []
+    canvases = ", ".join(f"{h}x{w}" for h, w in anyres["grid_pinpoints"])
+    cap = anyres["max_sequence_length"]
+    return [
+        ("tiles", f"LLaVA-1.6 anyres: canvases (height x width) {canvases}; merge {anyres['merge']}"),
+        ("rules", f"unpad rounding {anyres['unpad_rounding']}; sequence cap {cap if cap else 'none'}"),
+    ]
 
 
 def _one_line(err: BaseException) -> str:
@@ -345,24 +359,23 @@ def _one_line(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":
-        from .train import main as train_main  # lazy: training pulls in more than inference needs
-
-        return train_main(argv[1:])
-    if argv and argv[0] == "convert":
-        from weights_convert.__main__ import main as convert_main
-
-        return convert_main(argv[1:], prog="minillava convert")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
     try:
+        if argv and argv[0] == "train":
+            from .train import main as train_main  # lazy: training pulls in more than inference needs
+
+            return train_main(argv[1:])
+        if argv and argv[0] == "convert":
+            from weights_convert.__main__ import main as convert_main
+
+            return convert_main(argv[1:], prog="minillava convert")
+        args = build_parser().parse_args(argv)
+        commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
         return commands[args.command](args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # torch and the model load inside the commands: Ctrl-C then is one line too
         print("\ninterrupted", file=sys.stderr)
         return 130
     except (CliError, ValueError, OSError, KeyError, ImportError) as err:
-        print(f"minillava {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"minillava {argv[0]}: error: {_one_line(err)}", file=sys.stderr)
         return 1
 
 

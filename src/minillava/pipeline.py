@@ -28,9 +28,12 @@ from .config import BUNDLED_MODEL
 from .device import resolve_device
 from .generate import GenerationConfig, resolve_eos, settings, stream_generate
 from .hub import resolve
-from .image import ImageInput, check_image_count, image_list, preprocess
+from .image import ImageInput, check_image_count, image_list, pad_tiles
 from .processor import Processor, load_processor
 from .tokenizer import IMAGE_MARKER
+
+ANSWER_MARKER = IMAGE_MARKER.replace(">", " >")
+"""How ``<image>`` inside an earlier answer is written into later prompts: as text, never as an image marker."""
 
 
 def with_image_markers(text: str, n_images: int) -> str:
@@ -105,7 +108,8 @@ class Pipeline:
     Args:
         path: a checkpoint directory of any layout minillava reads, or a Hugging Face hub id such as
             ``llava-hf/llava-1.5-7b-hf`` (:mod:`minillava.hub`); default: the bundled model.
-        dtype: weights' dtype (default: as stored). ``torch.bfloat16`` is how a 7B model fits a CPU machine.
+        dtype: weights' dtype, or its name (default: as stored). ``torch.bfloat16`` is how a 7B model fits a CPU
+            machine.
         device: where the model runs: ``"auto"`` (a CUDA GPU when there is one, else the CPU), ``"cpu"``,
             ``"cuda"``, ``"mps"`` or a ``torch.device`` (:func:`minillava.device.resolve_device`).
         template: a chat template name (default: the checkpoint's).
@@ -118,7 +122,7 @@ class Pipeline:
     def __init__(
         self,
         path: str | os.PathLike | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: str | torch.device = "auto",
         template: str | ChatTemplate | None = None,
         image_mode: str | None = None,
@@ -134,7 +138,10 @@ class Pipeline:
         self.template = get_template(template) if template is not None else self.processor.template
         self.model = load(self.path, dtype=dtype, device=resolve_device(device))
         defaults = {k: v for k, v in self.model.config.generation.items() if k in _SETTINGS}
-        self.generation = GenerationConfig(**defaults) if generation is None else generation
+        try:
+            self.generation = GenerationConfig(**defaults) if generation is None else generation
+        except ValueError as err:
+            raise ValueError(f"{self.path / 'config.json'}: its generation defaults: {err}") from None
         self.compile = compile
 
     @property
@@ -188,7 +195,8 @@ class Pipeline:
         batch = self.processor(texts, images=groups, padding_side="left")
         gen = self._settings(config, overrides, batch["input_ids"].shape[1])
         rows = self._rows(len(texts), gen)
-        steps = self._steps(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], rows, gen)
+        inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        steps = self._steps(*inputs, rows, gen, image_sizes=batch.get("image_sizes"))
         for _ in steps:
             pass
         for row in rows:
@@ -250,6 +258,7 @@ class Pipeline:
         rows: list[_TextRow],
         gen: GenerationConfig,
         cache: KVCache | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> Iterator[torch.Tensor]:
         """Run generation, feeding each step's tokens to ``rows`` (which decide stop strings)."""
 
@@ -265,10 +274,18 @@ class Pipeline:
             cache=cache,
             compile=self.compile,
             should_stop=should_stop,
+            image_sizes=image_sizes,
         )
 
 
 _SETTINGS = {f.name for f in dataclasses.fields(GenerationConfig)}
+
+
+def _as_prompt(message: dict[str, str]) -> dict[str, str]:
+    """A message of the history as later prompts show it: an answer's ``<image>`` is text, not a marker."""
+    if message["role"] != "assistant":
+        return message
+    return {**message, "content": message["content"].replace(IMAGE_MARKER, ANSWER_MARKER)}
 
 
 class Conversation:
@@ -279,6 +296,9 @@ class Conversation:
     ids it holds, and only the rest runs. Images of earlier turns are not encoded again unless the reused prefix
     ends inside them. The cache is this conversation's own value (:attr:`cache`): other generations on the same
     model never touch it.
+
+    Only the user's messages place images: an answer that contains the text ``<image>`` is kept as said in
+    :attr:`messages` and written as :data:`ANSWER_MARKER` into later prompts.
     """
 
     def __init__(self, pipe: Pipeline, system: str | None = None) -> None:
@@ -290,6 +310,7 @@ class Conversation:
         """Forget every turn (the system prompt stays)."""
         self.messages: list[dict[str, str]] = []
         self.pixels: list[torch.Tensor] = []  # preprocessed images, in placeholder order
+        self.image_sizes: list[torch.Tensor] = []  # (height, width) of each image, with LLaVA-1.6 tiling
         self.cache: KVCache | None = None
         self._cached: list[int] = []  # the ids whose keys/values the cache holds, slot by slot
         self.last_prefill = 0  # tokens the last turn prefilled (for tests and benchmarks)
@@ -320,19 +341,33 @@ class Conversation:
         """
         pipe = self.pipe
         images = image_list(images)
-        new_pixels = list(preprocess(images, pipe.processor.image_config, pipe.processor.max_pixels))
+        new_pixels, new_sizes = [], []
+        if images:
+            pixels, sizes, _ = pipe.processor.images(images)
+            new_pixels = list(pixels)
+            new_sizes = list(sizes) if sizes is not None else []
         messages = [] if self.system is None else [{"role": "system", "content": self.system}]
         user = {"role": "user", "content": with_image_markers(prompt, len(new_pixels))}
-        messages += self.messages + [user]
+        messages += [_as_prompt(m) for m in self.messages] + [user]
         text = pipe.template.format(messages)
         # The earlier turns' markers have their images: what is left over belongs to this message.
         check_image_count(text.count(IMAGE_MARKER) - len(self.pixels), len(new_pixels), "the message: ")
-        ids = pipe.processor.encode(text)
-        pixels = self.pixels + new_pixels
+        pixels, sizes = self.pixels + new_pixels, self.image_sizes + new_sizes
+        anyres = pipe.processor.image_config.mode == "anyres"
+        k = pipe.processor.num_image_tokens
+        counts = [pipe.processor.image_tokens(*size.tolist()) for size in sizes] if anyres else [k] * len(pixels)
+        ids = pipe.processor.encode(text, counts)
         prefix = self._reusable_prefix(ids)
-        k, image_id = pipe.processor.num_image_tokens, pipe.processor.image_token_id
-        n_new_images = sum(1 for i in ids[prefix:] if i == image_id) // k
-        suffix_pixels = torch.stack(pixels[len(pixels) - n_new_images :]) if n_new_images else None
+        # The images whose placeholders lie after the reused prefix (it never ends inside an image).
+        left, n_new_images = sum(1 for i in ids[prefix:] if i == pipe.processor.image_token_id), 0
+        while left > 0:
+            n_new_images += 1
+            left -= counts[-n_new_images]
+        suffix_pixels = suffix_sizes = None
+        if n_new_images and anyres:
+            suffix_pixels, suffix_sizes = pad_tiles(pixels[-n_new_images:]), torch.stack(sizes[-n_new_images:])
+        elif n_new_images:
+            suffix_pixels = torch.stack(pixels[-n_new_images:])
         gen = pipe._settings(config, overrides, len(ids))
         if self.cache is None:
             self.cache = pipe.model.new_cache(1, len(ids) + gen.max_new_tokens)
@@ -340,12 +375,13 @@ class Conversation:
         self._cached = ids[:prefix]
         rows = pipe._rows(1, gen)
         # Checks arguments and sizes the cache now, so that errors surface here rather than at the first piece.
-        steps = pipe._steps(torch.tensor([ids[prefix:]]), suffix_pixels, None, rows, gen, cache=self.cache)
+        suffix = torch.tensor([ids[prefix:]])
+        steps = pipe._steps(suffix, suffix_pixels, None, rows, gen, cache=self.cache, image_sizes=suffix_sizes)
         self.last_prefill = len(ids) - prefix
-        return self._turn(steps, rows[0], ids, user, new_pixels)
+        return self._turn(steps, rows[0], ids, user, (new_pixels, new_sizes))
 
     def _turn(
-        self, steps: Iterator[torch.Tensor], row: _TextRow, ids: list[int], user: dict, new_pixels: list
+        self, steps: Iterator[torch.Tensor], row: _TextRow, ids: list[int], user: dict, new_images: tuple[list, list]
     ) -> Iterator[str]:
         answer_ids: list[int] = []
         answer: list[str] = []
@@ -369,7 +405,8 @@ class Conversation:
             text = "".join(answer).strip()
             if text:
                 self.messages += [user, {"role": "assistant", "content": text}]
-                self.pixels += new_pixels
+                self.pixels += new_images[0]
+                self.image_sizes += new_images[1]
 
     def _reusable_prefix(self, ids: list[int]) -> int:
         """How many leading ``ids`` the KV cache already holds for this conversation (never all of them: the

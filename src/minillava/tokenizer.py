@@ -229,6 +229,7 @@ class Tokenizer:
 
     def tokenize(self, text: str) -> list[str]:
         """The token strings of ``text`` without BOS/EOS (transformers 4.37 slow ``LlamaTokenizer.tokenize``)."""
+        check_utf8(text)
         if not self.legacy and text:
             text = _SPIECE_UNDERLINE + text.replace(_SPIECE_UNDERLINE, " ")
         tokens: list[str] = []
@@ -278,12 +279,13 @@ class Tokenizer:
     def encode(
         self,
         text: str,
-        num_image_tokens: int = 0,
+        num_image_tokens: int | Sequence[int] = 0,
         image_token_id: int | None = None,
         *,
         add_special_tokens: bool = True,
     ) -> list[int]:
-        """Ids of a prompt; each ``<image>`` becomes ``num_image_tokens`` copies of ``image_token_id``.
+        """Ids of a prompt; each ``<image>`` becomes ``num_image_tokens`` copies of ``image_token_id`` (a list gives
+        each marker its own count, in order: LLaVA-1.6 images differ).
 
         Original LLaVA's ``tokenizer_image_token``: split on ``<image>``, encode every chunk on its own (each with
         its dummy-prefix space), keep one BOS at the start.
@@ -291,11 +293,15 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         chunks = [self.encode_text(chunk, add_special_tokens) for chunk in text.split(IMAGE_MARKER)]
-        if len(chunks) > 1 and (image_token_id is None or num_image_tokens < 1):
+        markers = len(chunks) - 1
+        counts = [num_image_tokens] * markers if isinstance(num_image_tokens, int) else list(num_image_tokens)
+        if markers and (image_token_id is None or not all(c >= 1 for c in counts)):
             raise ValueError(
-                f"the text has {len(chunks) - 1} {IMAGE_MARKER} marker(s) but no image_token_id/num_image_tokens "
+                f"the text has {markers} {IMAGE_MARKER} marker(s) but no image_token_id/num_image_tokens "
                 "were given; use the Processor, which knows the checkpoint's values"
             )
+        if len(counts) != markers:
+            raise ValueError(f"the text has {markers} {IMAGE_MARKER} marker(s) but {len(counts)} image token counts")
         ids: list[int] = []
         offset = 0
         # The reference keeps the first chunk's leading BOS and drops the first id of every chunk after it.
@@ -304,7 +310,7 @@ class Tokenizer:
             ids.append(chunks[0][0])
         for i, chunk in enumerate(chunks):
             if i:
-                ids.extend([image_token_id] * num_image_tokens)
+                ids.extend([image_token_id] * counts[i - 1])
             ids.extend(chunk[offset:])
         return ids
 
@@ -326,6 +332,20 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         """Whether ``skip_special_tokens`` drops ``token_id``."""
         return token_id in self._special_ids
+
+
+def check_utf8(text: str) -> None:
+    """Raise ``ValueError`` when ``text`` cannot be written as UTF-8: it holds a lone surrogate, which is how Python
+    passes on bytes it could not decode (a command-line argument or a line of input in another encoding)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = text[err.start]
+        origin = f" (the byte 0x{ord(char) - 0xDC00:02x}, left undecoded)" if 0xDC80 <= ord(char) <= 0xDCFF else ""
+        raise ValueError(
+            f"the text is not valid UTF-8: character {err.start} is {char!r}{origin}; give the text in UTF-8 (check "
+            "the encoding of the terminal or file it came from)"
+        ) from None
 
 
 class _ByteState:

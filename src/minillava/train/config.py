@@ -44,8 +44,10 @@ class TrainConfig:
     activation_checkpointing: bool = False
     save_every: int = 0
     resume: str | None = None
+    force: bool = False
     seed: int = 0
     skip_bad_samples: bool = False
+    max_skipped_steps: int = 100
     log_every: int = 1
     num_workers: int = 0
     group_by_length: bool = False
@@ -60,7 +62,7 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0 (0: at the end only), got {self.eval_every}")
-        for name in ("batch_size", "grad_accum", "epochs", "log_every"):
+        for name in ("batch_size", "grad_accum", "epochs", "log_every", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -111,7 +113,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument(
         "--template", help="chat template (default: plain for pretrain; for finetune the checkpoint's, else vicuna_v1)"
     )
-    p.add_argument("--image-mode", choices=("crop", "pad"), help="image preprocessing (default: the checkpoint's)")
+    p.add_argument(
+        "--image-mode", choices=("crop", "pad", "anyres"), help="image preprocessing (default: the checkpoint's)"
+    )
     p.add_argument(
         "--lr",
         type=float,
@@ -138,8 +142,20 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument(
         "--resume", nargs="?", const="latest", help="continue from a checkpoint (default: the latest in --output)"
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start a new run in an --output that holds another: its checkpoints and log are removed, its model is "
+        "replaced at the end",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-bad-samples", action="store_true", help="drop unreadable/invalid samples, with a count")
+    p.add_argument(
+        "--max-skipped-steps",
+        type=int,
+        default=100,
+        help="stop after this many steps in a row without a supervised token (every sample bad or cut)",
+    )
     p.add_argument("--log-every", type=int, default=1, help="progress line every N steps (log.jsonl: every step)")
     p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
     p.add_argument(

@@ -21,18 +21,25 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..checkpoint import load, load_config
 from ..data import Collator, LlavaDataset, group_by_length
+from ..folders import refuse_overlap
 from ..hub import resolve
 from ..layouts.source import build_empty
 from ..model import IGNORE_INDEX, Llava, causal_lm_loss
 from ..processor import load_processor
 from ..progress import ProgressBar
 from .checkpoints import (
+    LOG_NAME,
     STATE_FORMAT,
     STATE_NAME,
+    check_fresh_output,
+    check_same_run,
+    clear_earlier_run,
+    file_digest,
     find_checkpoint,
     last_checkpoint,
     read_trainer_state,
     restore_optimizer,
+    run_record,
     save_checkpoint,
     save_final,
 )
@@ -40,6 +47,8 @@ from .config import STAGES, TrainConfig, parse_args, resolve_precision, stage_te
 from .distributed import PeerFailed, Runtime, setup_runtime, shard_and_fill, with_dummy_image
 from .evaluate import evaluate
 from .interrupt import StopRequest, ignore_sigint, interrupted_message
+
+EVAL_NAME = "eval.jsonl"
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -68,6 +77,8 @@ def set_trainable(model: Llava, stage: str, train_vision: bool = False) -> list[
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
+    if model.image_newline is not None:  # LLaVA-1.6's row end: part of the image-to-text connector
+        model.image_newline.requires_grad_(True)
     if stage == "finetune":
         model.llm.requires_grad_(True)
     if train_vision:
@@ -160,6 +171,7 @@ def accumulate_gradients(
                 b["input_ids"].to(device),
                 None if pixels is None else pixels.to(device),
                 b["attention_mask"].to(device),
+                image_sizes=b.get("image_sizes"),
             ).logits
         total = causal_lm_loss(logits, b["labels"], reduction="sum")
         if total.requires_grad:  # a text-only micro-batch in stage 1 reaches nothing that trains
@@ -198,7 +210,10 @@ def train(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
 def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     output = Path(cfg.output)
+    refuse_overlap(output, Path(cfg.model), "--output ", "--model ")
     resume_dir = find_checkpoint(cfg.resume, output) if cfg.resume else None
+    if resume_dir is None:
+        check_fresh_output(output, cfg.force)
     source = resume_dir or resolve(cfg.model)  # any layout minillava loads, or a hub id
 
     config = load_config(source)
@@ -234,16 +249,21 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict[str, Any]:
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     global_batch = cfg.batch_size * cfg.grad_accum * rt.world
+    run = run_record(cfg, file_digest(cfg.data))
+    if resume_dir is not None:
+        state = read_trainer_state(resume_dir, global_batch)
+        check_same_run(resume_dir, state, run)
 
     model = build_model(source, cfg, rt)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     step, epoch, epoch_samples = 0, 0, 0
     if resume_dir is not None:
-        state = read_trainer_state(resume_dir, global_batch)
         restore_optimizer(model, optimizer, resume_dir, state, rt)
         step, epoch, epoch_samples = state["step"], state["epoch"], state["epoch_samples"]
-    log_path, eval_path = output / "log.jsonl", output / "eval.jsonl"
+    log_path, eval_path = output / LOG_NAME, output / EVAL_NAME
     if rt.main:
+        if resume_dir is None:
+            clear_earlier_run(output)  # only now that data and model are known to load
         for path in (log_path, eval_path):
             start_log(path, resumed_at=step if resume_dir is not None else None)
     progress = ProgressBar(cfg.log_every, cfg.progress and rt.main, first=step)
@@ -265,6 +285,7 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict[str, Any]:
             "total_steps": total_steps,
             "world_size": rt.world,
             "config": dataclasses.asdict(cfg),
+            "run": run,
         }
 
     def save_now() -> Path:
@@ -282,7 +303,10 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict[str, Any]:
             with eval_path.open("a") as f:
                 f.write(json.dumps({**record, "short_answers": result.short, "time": time.time()}) + "\n")
 
+    skipped_in_a_row = 0
     while step < total_steps:
+        # A pass from the start of the data that makes no step would be followed by another just like it.
+        whole_pass, steps_before, skipped_in_pass = epoch_samples == 0, step, 0
         sampler.set_epoch(epoch)
         indices = list(sampler)
         if cfg.group_by_length:
@@ -324,13 +348,27 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict[str, Any]:
                 result = {"losses": losses, "steps": step, "output": str(output), "skipped": skipped_total}
                 return {**result, "interrupted": True}
             if n_micro == 0:  # the end of the epoch
+                if whole_pass and step == steps_before:
+                    raise ValueError(
+                        f"a whole pass over {cfg.data} gave no step: {skipped_in_pass} bad sample(s) skipped, and no "
+                        "batch had a supervised token; fix the data (or --max-length, --image-folder)"
+                    )
                 epoch, epoch_samples = epoch + 1, 0
                 break
             epoch_samples += consumed * rt.world
             skipped_total += int(skipped)
+            skipped_in_pass += int(skipped)
             if supervised == 0:
                 print(f"step {step + 1}: no supervised token in the global batch; skipped", file=sys.stderr)
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= cfg.max_skipped_steps:
+                    raise ValueError(
+                        f"{skipped_in_a_row} steps in a row had no supervised token ({skipped_in_pass} bad sample(s) "
+                        f"skipped in this pass over {cfg.data}); stopping. Fix the data, or raise "
+                        "--max-skipped-steps if long stretches of it are bad"
+                    )
                 continue
+            skipped_in_a_row = 0
             if rt.distributed:
                 micro = [b if b["pixel_values"] is not None else with_dummy_image(b, config, pad_id) for b in micro]
             # FSDP averages gradients over processes; scaling by world/count turns that into sum/count.
