@@ -15,6 +15,7 @@ import torch
 from torch.testing import assert_close
 
 import minillava
+from minillava.chat import get_template
 from minillava.config import BUNDLED_MODEL
 from minillava.data import LlavaDataset, sample_messages
 from minillava.generate import generate
@@ -23,6 +24,7 @@ from minillava.shapes.data import IMAGE_SIZE, generate_dataset
 from minillava.train import train
 from minillava.train.config import resolve_precision
 from minillava.train.evaluate import evaluate, normalize
+from tests.next_reference import make_next_checkpoint, random_image
 from tests.tiny_models import read_log, train_config
 
 STEPS = 16
@@ -72,35 +74,64 @@ def shapes_eval(tmp_path_factory):
     return load_processor(BUNDLED_MODEL), path, root
 
 
-def test_eval_scores_loss_and_short_answers(shapes_eval):
-    processor, data, folder = shapes_eval
-    dataset = LlavaDataset(data, folder, processor, template="vicuna_v1")
-    model = minillava.load(BUNDLED_MODEL)
-    result = evaluate(model, dataset, 8, torch.autocast("cpu", enabled=False), torch.device("cpu"))
-    assert model.training  # handed back as the trainer left it
-    # The loss: the trainer's, summed over every supervised token of every sample, divided by their count.
+def expected_scores(model, dataset, data, folder) -> tuple[float, int, int, int]:
+    """(loss, tokens, exact, short) computed sample by sample: the model's own loss weighted by supervised tokens, and
+    the processor + ``generate`` answer to each conversation's last question where the reference is short."""
+    processor, template = dataset.processor, dataset.template
     total, count = 0.0, 0
     for i in range(len(dataset)):
         item = dataset[i]
         labels = item["labels"][None]
         with torch.no_grad():
-            out = model(item["input_ids"][None], item["pixel_values"], labels=labels)
+            out = model(
+                item["input_ids"][None], item["pixel_values"], image_sizes=item.get("image_sizes"), labels=labels
+            )
         n = int((labels[:, 1:] != -100).sum())
         total, count = total + float(out.loss) * n, count + n
-    assert result.tokens == count and result.loss == pytest.approx(total / count, rel=1e-5)
-    # Exact match: greedy answers to each conversation's last question, where the reference answer is short.
     exact = short = 0
     for record in json.loads(data.read_text()):
         messages, image_paths = sample_messages(record)
         reference = normalize(messages[-1]["content"])
         if len(reference.split()) > 5:
             continue
-        batch = processor(processor.format_chat(messages[:-1], "vicuna_v1"), images=[folder / p for p in image_paths])
-        new = generate(model.eval(), batch["input_ids"], batch["pixel_values"], max_new_tokens=40)
-        exact += normalize(processor.decode(new[0]).split("</s>")[0]) == reference
+        batch = processor(processor.format_chat(messages[:-1], template), images=[folder / p for p in image_paths])
+        new = generate(model.eval(), **batch, max_new_tokens=40)
+        stop = get_template(template).stop_strings[0]
+        exact += normalize(processor.decode(new[0]).split(stop)[0]) == reference
         short += 1
+    model.train()
+    return total / count, count, exact, short
+
+
+def test_eval_scores_loss_and_short_answers(shapes_eval):
+    processor, data, folder = shapes_eval
+    dataset = LlavaDataset(data, folder, processor, template="vicuna_v1")
+    model = minillava.load(BUNDLED_MODEL).train()
+    result = evaluate(model, dataset, 8, torch.autocast("cpu", enabled=False), torch.device("cpu"))
+    assert model.training  # handed back as the trainer left it
+    loss, tokens, exact, short = expected_scores(model, dataset, data, folder)
+    assert result.tokens == tokens and result.loss == pytest.approx(loss, rel=1e-5)
     assert short >= 6 and (result.short, result.exact) == (short, exact)
     assert exact >= short // 2  # the bundled model answers most held-out questions
+
+
+def test_eval_on_llava_next_images_of_many_sizes(tmp_path):
+    """LLaVA-1.6 samples: placeholder counts vary with each image's size, and the tiles are batched padded."""
+    model_dir = make_next_checkpoint(tmp_path / "model")
+    records = []
+    for i, size in enumerate([(20, 20), (30, 50), (90, 90), (40, 100)]):
+        random_image(*size, seed=i).save(tmp_path / f"{i}.png")
+        turns = [{"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "Wide."}]
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": turns})
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps(records))
+    processor = load_processor(model_dir)
+    dataset = LlavaDataset(data, tmp_path, processor, template=processor.template.name)
+    model = minillava.load(model_dir).train()
+    result = evaluate(model, dataset, 3, torch.autocast("cpu", enabled=False), torch.device("cpu"))
+    loss, tokens, exact, short = expected_scores(model, dataset, data, tmp_path)
+    assert result.tokens == tokens and result.loss == pytest.approx(loss, rel=1e-5)
+    assert (result.short, result.exact) == (short, exact) and short == 4
 
 
 def test_eval_data_is_scored_every_n_steps_and_at_the_end(train_setup, tmp_path, capsys):

@@ -103,7 +103,7 @@ class _TextRow:
 
 
 class Pipeline:
-    """Model + processor + chat template of a converted checkpoint directory.
+    """Model + processor + chat template of a checkpoint (any layout minillava reads, or a hub id).
 
     Args:
         path: a checkpoint directory of any layout minillava reads, or a Hugging Face hub id such as

@@ -1,4 +1,5 @@
-"""Reading a LLaMA tokenizer directory: ``tokenizer.model`` and the transformers JSON files beside it.
+"""Reading a LLaMA tokenizer directory: ``tokenizer.model`` (or, without it, ``tokenizer.json``: see
+:mod:`minillava.tokenizer_json`) and the transformers JSON files beside it.
 
 The JSON files are read the way transformers does: ``tokenizer_config.json`` (``legacy``, ``add_bos_token``,
 ``add_eos_token``, special tokens, ``added_tokens_decoder``) and, for older checkpoints without

@@ -58,6 +58,19 @@ def last_answer_span(labels: torch.Tensor) -> tuple[int, int] | None:
     return start, end
 
 
+def summed_loss(model: Llava, batch: dict[str, Any], autocast, device: torch.device) -> torch.Tensor:
+    """The summed token loss of one collated batch (:class:`~minillava.data.Collator`), as training computes it."""
+    pixels = batch["pixel_values"]
+    with autocast:
+        logits = model(
+            batch["input_ids"].to(device),
+            None if pixels is None else pixels.to(device),
+            batch["attention_mask"].to(device),
+            image_sizes=batch.get("image_sizes"),
+        ).logits
+    return causal_lm_loss(logits, batch["labels"], reduction="sum")
+
+
 @torch.no_grad()
 def evaluate(
     model: Llava,
@@ -75,14 +88,7 @@ def evaluate(
         loss_sum, tokens = 0.0, 0
         for i in range(0, len(items), batch_size):
             batch = collate(items[i : i + batch_size])
-            pixels = batch["pixel_values"]
-            with autocast:
-                logits = model(
-                    batch["input_ids"].to(device),
-                    None if pixels is None else pixels.to(device),
-                    batch["attention_mask"].to(device),
-                ).logits
-            loss_sum += float(causal_lm_loss(logits, batch["labels"].to(device), reduction="sum"))
+            loss_sum += float(summed_loss(model, batch, autocast, device))
             tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         exact, short = _exact_matches(model, dataset, items, batch_size, autocast) if exact_match else (0, 0)
     finally:
@@ -103,8 +109,7 @@ def _exact_matches(
     """(matches, short answers): the model's greedy answer against each short reference answer."""
     processor = dataset.processor
     stops = get_template(dataset.template or processor.template).stop_strings
-    k, image_id = processor.num_image_tokens, processor.image_token_id
-    cases = []  # (prompt ids, its images, reference text, reference length in tokens)
+    cases = []  # (the sample with its ids cut before the last answer, the reference text, its length in tokens)
     for item in items:
         labels, ids = torch.as_tensor(item["labels"]), torch.as_tensor(item["input_ids"])
         span = last_answer_span(labels)
@@ -113,24 +118,30 @@ def _exact_matches(
         reference = normalize(_cut(processor.decode(ids[span[0] : span[1]]), stops))
         if not reference or len(reference.split()) > SHORT_ANSWER_WORDS:
             continue
-        prompt = ids[: span[0]].tolist()
-        n_images = prompt.count(image_id) // k
-        cases.append((prompt, item["pixel_values"][:n_images] if n_images else None, reference, span[1] - span[0]))
+        # Every image of a sample comes before its last answer: the prompt keeps them all.
+        cases.append(({**item, "input_ids": ids[: span[0]], "labels": ids[: span[0]]}, reference, span[1] - span[0]))
     eos = resolve_eos(model, None)
     eos += [i for i in (processor.tokenizer.token_to_id(s) for s in stops) if i is not None and i not in eos]
     context = model.config.text.max_position_embeddings
+    collate = Collator(processor.pad_token_id)
     exact = 0
     for i in range(0, len(cases), batch_size):
         batch = cases[i : i + batch_size]
-        ids, mask = pad_batch([c[0] for c in batch], processor.pad_token_id, "left")
-        pixels = [c[1] for c in batch if c[1] is not None]
-        room = min(max(c[3] for c in batch) + 8, context - ids.shape[1])
+        images = collate([c[0] for c in batch])  # the images as training batches them; the ids left-padded here
+        ids, mask = pad_batch([c[0]["input_ids"] for c in batch], processor.pad_token_id, "left")
+        room = min(max(c[2] for c in batch) + 8, context - ids.shape[1])
         if room < 1:
             continue
         with autocast:
             out = generate(
-                model, ids, torch.cat(pixels) if pixels else None, mask, max_new_tokens=room, eos_token_id=eos
+                model,
+                ids,
+                images["pixel_values"],
+                mask,
+                image_sizes=images.get("image_sizes"),
+                max_new_tokens=room,
+                eos_token_id=eos,
             )
         for row, case in zip(out, batch, strict=True):
-            exact += normalize(_cut(processor.decode(row), stops)) == case[2]
+            exact += normalize(_cut(processor.decode(row), stops)) == case[1]
     return exact, len(cases)

@@ -24,7 +24,7 @@ from ..data import Collator, LlavaDataset, group_by_length
 from ..folders import refuse_overlap
 from ..hub import resolve
 from ..layouts.source import build_empty
-from ..model import IGNORE_INDEX, Llava, causal_lm_loss
+from ..model import IGNORE_INDEX, Llava
 from ..processor import load_processor
 from ..progress import ProgressBar
 from .checkpoints import (
@@ -45,7 +45,7 @@ from .checkpoints import (
 )
 from .config import STAGES, TrainConfig, parse_args, resolve_precision, stage_template
 from .distributed import PeerFailed, Runtime, setup_runtime, shard_and_fill, with_dummy_image
-from .evaluate import evaluate
+from .evaluate import evaluate, summed_loss
 from .interrupt import StopRequest, ignore_sigint, interrupted_message
 
 EVAL_NAME = "eval.jsonl"
@@ -165,19 +165,11 @@ def accumulate_gradients(
     for b in micro:
         if b["input_ids"].shape[0] == 0:
             continue  # every sample skipped (one process only; with several the dummy row is there)
-        pixels = b["pixel_values"]
-        with autocast:
-            logits = model(
-                b["input_ids"].to(device),
-                None if pixels is None else pixels.to(device),
-                b["attention_mask"].to(device),
-                image_sizes=b.get("image_sizes"),
-            ).logits
-        total = causal_lm_loss(logits, b["labels"], reduction="sum")
+        total = summed_loss(model, b, autocast, device)
         if total.requires_grad:  # a text-only micro-batch in stage 1 reaches nothing that trains
             (total * scale).backward()
         loss_sum += total.detach().double()
-        del logits, total
+        del total
     return float(loss_sum)
 
 
