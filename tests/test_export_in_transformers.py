@@ -21,7 +21,7 @@ from tests.tiny_models import make_checkpoint, write_image
 from weights_convert.__main__ import main as convert_main
 from weights_convert.hf_chat_template import image_suffix_for, jinja_chat_template
 
-HELD_OUT_IMAGES = 4  # 4 images x 5 question types (and a description) = 24 questions
+HELD_OUT_IMAGES = 3  # 3 images x 5 question types and a description = 18 questions
 
 # Transformers' message form: content is a string or a list of parts.
 CONVERSATIONS = {
@@ -166,7 +166,7 @@ def test_bundled_answers_through_transformers_generate(bundled_export):
     model = LlavaForConditionalGeneration.from_pretrained(bundled_export).eval()
     pipe = minillava.Pipeline()
     questions = list(iter_questions(HELD_OUT_IMAGES, 0, "heldout", IMAGE_SIZE))
-    assert len(questions) >= 20
+    assert len(questions) >= 18
     for q in questions:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.question}]}]
         inputs = processor(
@@ -185,7 +185,7 @@ def test_bundled_answers_through_the_transformers_pipeline(bundled_export):
 
     hf = pipeline("image-text-to-text", model=str(bundled_export))
     pipe = minillava.Pipeline()
-    for q in list(iter_questions(1, 0, "heldout", IMAGE_SIZE)):
+    for q in list(iter_questions(1, 0, "heldout", IMAGE_SIZE))[:3]:
         messages = [
             {"role": "user", "content": [{"type": "image", "image": q.image}, {"type": "text", "text": q.question}]}
         ]
