@@ -1,8 +1,9 @@
-"""The ``minillava`` command: generate, chat, info, train.
+"""The ``minillava`` command: generate, chat, info, serve, train.
 
     minillava generate --model DIR --image cat.jpg --prompt "What is in this image?"
     minillava chat --model DIR [--image cat.jpg]
     minillava info --model DIR
+    minillava serve --model DIR [--port 8000]    (OpenAI-compatible API and a chat page; the serve extra)
     minillava train ...            (see minillava train --help)
 
 Errors are one line on stderr and a non-zero exit status.
@@ -20,6 +21,7 @@ from .chat import TEMPLATES
 from .config import BUNDLED_MODEL
 
 DTYPES = ("bfloat16", "float16", "float32")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 CHAT_HELP = """\
 Commands inside the chat:
@@ -133,6 +135,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(info)
     info.add_argument("--json", action="store_true", help="print the description as JSON")
 
+    serve = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server with continuous batching, and a chat page",
+        description="Serve the model over HTTP: POST /v1/chat/completions (OpenAI's schema, streaming), GET "
+        "/v1/models, GET /health, and a chat page at /. Requests are decoded together in --slots rows of one KV "
+        "cache. Needs the serve extra: pip install 'minillava[serve]'.",
+    )
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000; 0: any free port)")
+    serve.add_argument(
+        "--slots", type=_positive_int, default=8, metavar="N", help="requests decoded together (default: 8)"
+    )
+    serve.add_argument(
+        "--device", choices=DEVICES, default="cpu", help="where the model runs (default: cpu; auto: cuda, mps, cpu)"
+    )
+    serve.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: as stored)")
+    serve.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="fetch http(s) image URLs (off by default: images come inline as data: URLs; local files never)",
+    )
+    serve.add_argument(
+        "--threads", type=_positive_int, metavar="N", help="torch intra-op threads (default: torch's, one per core)"
+    )
+
     sub.add_parser(
         "train",
         help="train or fine-tune (see 'minillava train --help')",
@@ -156,6 +184,27 @@ def _pipeline(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     return Pipeline(_model_dir(args.model), dtype=_dtype(args.dtype), template=args.template, compile=args.compile)
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535, got {value}")
+    return value
+
+
+def _device(name: str) -> str:
+    import torch
+
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        return next(device for device in ("cuda", "mps", "cpu") if available[device])
+    if not available[name]:
+        raise CliError(f"--device {name}: no {name} device is available here; use --device cpu")
+    return name
 
 
 def _gen_kwargs(args: argparse.Namespace) -> dict:
@@ -247,6 +296,34 @@ def cmd_chat(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from . import serve
+    except ModuleNotFoundError as err:
+        if err.name not in ("fastapi", "starlette", "uvicorn"):
+            raise
+        raise CliError(
+            f"minillava serve needs the serve extra ({err.name} is missing): pip install 'minillava[serve]'"
+        ) from None
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        serve.run(
+            _model_dir(args.model),
+            host=args.host,
+            port=args.port,
+            slots=args.slots,
+            device=_device(args.device),
+            dtype=_dtype(args.dtype),
+            allow_remote_images=args.allow_remote_images,
+        )
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a server stops: uvicorn has shut down cleanly, then passed the signal on
+    return 0
+
+
 def describe_checkpoint(path: Path) -> dict:
     """What ``info`` prints, from ``config.json`` and the safetensors headers (no weights are read)."""
     from safetensors import safe_open
@@ -336,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return train_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+    commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "serve": cmd_serve}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

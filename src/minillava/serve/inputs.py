@@ -1,0 +1,146 @@
+"""A checked request to model inputs: images fetched and preprocessed, the prompt rendered and tokenized, the
+generation settings resolved against the checkpoint's defaults and the context window. Every problem is an
+:class:`~minillava.serve.protocol.APIError` (400) that names the field.
+
+Images come inline as ``data:`` URLs. ``http(s)`` URLs are fetched only when the server was started with
+``--allow-remote-images``; local paths and ``file:`` URLs are never read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import torch
+
+from ..generate import GenerationConfig
+from ..image import ImageDecodeError, ImageTooLargeError, load_image, pixel_values
+from ..pipeline import Pipeline
+from ..textrow import TextRow
+from ..tokenizer import IMAGE_MARKER
+from .protocol import ChatRequest, ImageRef, invalid
+
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+"""The most bytes a remote image may have (an inline one is bounded by the request size)."""
+
+FETCH_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Prepared:
+    """What the scheduler needs for one request."""
+
+    ids: list[int]
+    pixel_values: torch.Tensor | None
+    config: GenerationConfig
+    text: TextRow
+
+
+def prepare(pipe: Pipeline, request: ChatRequest, max_len: int, allow_remote_images: bool = False) -> Prepared:
+    """Model inputs for ``request``; ``max_len`` is the most slots a request may use (prompt + answer)."""
+    pixels = [_pixels(pipe, ref, _image_bytes(ref, allow_remote_images)) for ref in request.images]
+    try:
+        text = pipe.template.format(request.messages)
+    except ValueError as err:
+        raise invalid("messages", str(err)) from None
+    markers = text.count(IMAGE_MARKER)
+    if markers != len(pixels):
+        raise invalid(
+            "messages",
+            f"the messages hold {markers} {IMAGE_MARKER} marker(s) but {len(pixels)} image(s); write one marker per "
+            "image part in the text (or none, to put the message's images before its text)",
+        )
+    try:
+        ids = pipe.processor.encode(text)
+    except ValueError as err:
+        raise invalid("messages", str(err)) from None
+    window = min(pipe.context_length, max_len)
+    prompt = f"the prompt is {len(ids)} tokens"
+    if pixels:
+        prompt += f" ({len(pixels)} image(s) of {pipe.processor.num_image_tokens} tokens each)"
+    if len(ids) >= window:
+        raise invalid(
+            "messages",
+            f"{prompt}: the context window of {window} tokens has no room left for an answer",
+            "context_length_exceeded",
+        )
+    max_new = request.max_tokens
+    if max_new is None:
+        max_new = min(pipe.generation.max_new_tokens, window - len(ids))
+    elif len(ids) + max_new > window:
+        raise invalid(
+            "max_tokens",
+            f"{prompt} and max_tokens is {max_new}: {len(ids) + max_new} exceeds the context window of {window} "
+            f"tokens; ask for at most {window - len(ids)}",
+            "context_length_exceeded",
+        )
+    try:
+        config = pipe.generation.replace(
+            max_new_tokens=max_new,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+            stop_strings=request.stop,
+        )
+    except ValueError as err:
+        raise invalid(None, str(err)) from None
+    if request.ignore_eos:
+        row = TextRow(pipe.processor, config.stop_strings, eos_ids=[])
+    else:
+        row = pipe.text_rows(1, config)[0]
+    return Prepared(ids, torch.stack(pixels) if pixels else None, config, row)
+
+
+def _pixels(pipe: Pipeline, ref: ImageRef, data: bytes) -> torch.Tensor:
+    proc = pipe.processor
+    try:
+        image = load_image(data, proc.max_pixels, name=ref.param)
+        return pixel_values(image, proc.image_config, proc.max_pixels, name=ref.param)
+    except ImageTooLargeError as err:
+        raise invalid(ref.param, str(err), "image_too_large") from None
+    except ImageDecodeError as err:
+        raise invalid(ref.param, str(err), "invalid_image") from None
+
+
+def _image_bytes(ref: ImageRef, allow_remote: bool) -> bytes:
+    url = ref.url.strip()
+    scheme = urlsplit(url).scheme.lower() if ":" in url else ""
+    if scheme == "data":
+        header, comma, payload = url.partition(",")
+        if not comma or not header.lower().endswith(";base64"):
+            raise invalid(ref.param, f"{ref.param}: a data URL must be data:image/...;base64,<base64 bytes>")
+        try:
+            return base64.b64decode("".join(payload.split()), validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise invalid(ref.param, f"{ref.param}: the data URL's base64 does not decode ({err})") from None
+    if scheme in ("http", "https"):
+        if not allow_remote:
+            raise invalid(
+                ref.param,
+                f"{ref.param}: this server does not fetch remote images; send the image inline as a data: URL "
+                "(base64), or start the server with --allow-remote-images",
+                "remote_image_not_allowed",
+            )
+        return _fetch(url, ref.param)
+    raise invalid(
+        ref.param,
+        f"{ref.param}: images must be data: URLs (or http(s) URLs with --allow-remote-images); the server never "
+        "reads local files",
+        "unsupported_image_url",
+    )
+
+
+def _fetch(url: str, param: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response:  # noqa: S310 (scheme checked)
+            data = response.read(MAX_IMAGE_BYTES + 1)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise invalid(param, f"{param}: could not fetch {url}: {err}", "image_fetch_failed") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise invalid(param, f"{param}: {url} is over {MAX_IMAGE_BYTES:,} bytes", "image_too_large")
+    return data
