@@ -28,7 +28,7 @@ demo: install
 	$(VENV)/bin/minillava generate --image src/minillava/assets/shapes/example-1.png --prompt "Describe the image briefly."
 
 # Rebuild the bundled model from its seed, bit for bit on the same CPU (two threads, about 28 minutes here; the
-# weights depend on the thread count, see the README).
+# weights depend on the thread count, see docs/bundled-model.md).
 train-demo: install
 	OMP_NUM_THREADS=2 $(PY) -m minillava.shapes.recipe
 

@@ -57,7 +57,7 @@ def random_tensors(config, seed: int = 0):
     """``(minillava name, fp16 tensor)`` for every weight, drawn one at a time."""
     import torch
 
-    from minillava.checkpoint import build_empty
+    from minillava.layouts.source import build_empty
 
     gen = torch.Generator().manual_seed(seed)
     for name, meta in build_empty(config).state_dict().items():
@@ -104,8 +104,8 @@ def build(work: Path) -> dict[str, int]:
     """Write the llava-hf and the original-layout slices; return their sizes in bytes."""
     import torch
 
-    from weights_convert.keymaps import HF_V4, original_keymap
-    from weights_convert.to_hf import hf_config_dict, preprocessor_dict
+    from minillava.layouts.keymaps import HF_V4, original_keymap
+    from weights_convert.to_hf import clip_vision_dict, hf_config_dict, preprocessor_dict
 
     config = slice_config()
     hf = work / "llava-hf"
@@ -132,19 +132,7 @@ def build(work: Path) -> dict[str, int]:
     tower = {"vision_model." + k[len("vision.") :]: t for k, t in random_tensors(config, 2) if k.startswith("vision.")}
     torch.save(tower, clip / "pytorch_model.bin")
     sizes["original"] += sum(t.numel() * t.element_size() for t in tower.values())
-    v = config.vision
-    clip_config = {
-        "model_type": "clip",
-        "projection_dim": 768,
-        "vision_config": {
-            "hidden_size": v.hidden_size,
-            "intermediate_size": v.intermediate_size,
-            "num_hidden_layers": v.num_layers,
-            "num_attention_heads": v.num_heads,
-            "image_size": v.image_size,
-            "patch_size": v.patch_size,
-        },
-    }
+    clip_config = {"model_type": "clip", "projection_dim": 768, "vision_config": clip_vision_dict(config.vision)}
     (clip / "config.json").write_text(json.dumps(clip_config))
     hf_cfg = json.loads((hf / "config.json").read_text())["text_config"]
     flat = {k: hf_cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")}
@@ -184,7 +172,8 @@ def measure(kind: str, work: Path) -> None:
     import torch  # noqa: F401  (part of every baseline)
 
     import minillava
-    import weights_convert.convert as convert
+    from minillava.layouts import detect
+    from weights_convert.convert import convert
     from weights_convert.to_hf import export_hf
 
     if kind == "transformers":
@@ -192,10 +181,10 @@ def measure(kind: str, work: Path) -> None:
     baseline = status_kib("VmRSS")
     start = time.perf_counter()
     if kind == "convert-hf":
-        convert.convert(convert.detect(work / "llava-hf"), work / "out-hf")
+        convert(detect(work / "llava-hf"), work / "out-hf")
     elif kind == "convert-original":
-        source = convert.detect(work / "llava-v1.5-7b-slice", work / "clip-vit-large-patch14-336")
-        convert.convert(source, work / "out-original")
+        source = detect(work / "llava-v1.5-7b-slice", work / "clip-vit-large-patch14-336")
+        convert(source, work / "out-original")
     elif kind == "export-hf":
         export_hf(work / "out-hf", work / "exported")
     elif kind == "load-converted":

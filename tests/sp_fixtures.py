@@ -26,12 +26,13 @@ what transformers 5.x still ships; it needs ``transformers`` and ``protobuf``::
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
+
+from minillava.shapes.tokenizer import train_sentencepiece
 
 VOCAB_SIZE = 800
 """Pieces in the sentencepiece model; added tokens get ids from here on (like llava-hf's 32000, 32001)."""
@@ -80,32 +81,7 @@ def sp_model_bytes(remove_extra_whitespaces: bool = False) -> bytes:
     ``remove_extra_whitespaces=True`` gives a non-LLaMA variant that squeezes spaces, where the slow tokenizer's
     non-legacy ``<unk>`` trick matters.
     """
-    import sentencepiece as spm
-
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()),
-        model_writer=buf,
-        model_type="bpe",
-        vocab_size=VOCAB_SIZE,
-        character_coverage=1.0,
-        byte_fallback=True,
-        split_digits=True,
-        add_dummy_prefix=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=remove_extra_whitespaces,
-        allow_whitespace_only_pieces=True,
-        split_by_unicode_script=True,
-        split_by_whitespace=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        unk_surface=" \u2047 ",
-        num_threads=1,
-        minloglevel=2,
-    )
-    return buf.getvalue()
+    return train_sentencepiece(_corpus(), VOCAB_SIZE, remove_extra_whitespaces=remove_extra_whitespaces)
 
 
 def _added(content: str) -> dict:

@@ -14,13 +14,12 @@ import pytest
 import torch
 
 import minillava
-from tests.hf_reference import batch_inputs, convert_hf, make_hf_model
+from tests.hf_reference import batch_inputs
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_bf16_tracks_transformers(seed, tmp_path):
-    hf = make_hf_model(seed=seed)
-    _, dst = convert_hf(hf, tmp_path)
+def test_bf16_tracks_transformers(seed, hf_reference):
+    hf, _, dst = hf_reference(seed=seed)
     ours = minillava.load(dst, dtype=torch.bfloat16)
     assert ours.llm.embed_tokens.weight.dtype == torch.bfloat16
     inputs = batch_inputs(ours.config.num_image_tokens, seed=1)

@@ -6,15 +6,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tests.hf_reference import IMAGE_TOKEN_ID, batch_inputs, convert_hf, make_hf_model
+from tests.hf_reference import IMAGE_TOKEN_ID, batch_inputs
 
 FP32 = {"rtol": 1e-5, "atol": 1e-5}
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    ours, _ = convert_hf(make_hf_model(seed=11), tmp_path_factory.mktemp("cache"))
-    return ours
+def model(hf_reference):
+    return hf_reference(seed=11)[1]
 
 
 def text(n: int, seed: int, rows: int = 1) -> torch.Tensor:

@@ -8,20 +8,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from minillava import cli
 from minillava.pipeline import Pipeline
-from tests.test_pipeline import make_checkpoint, write_image
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("cli") / "model", seed=1)
+def ckpt(chat_checkpoint) -> Path:
+    return chat_checkpoint
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory) -> Path:
-    return write_image(tmp_path_factory.mktemp("cli-img") / "img.png", (30, 160, 60))
+def image(images) -> Path:
+    return images[0]
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -48,12 +48,20 @@ def test_generate_prints_the_answer(ckpt, image, capsys):
     assert expected and out == expected + "\n"
 
 
-def test_generate_sampling_flags_and_dtype(ckpt, image, capsys):
+def test_generate_passes_every_flag_to_the_pipeline(ckpt, image, capsys):
     argv = ["generate", "--model", str(ckpt), "--image", str(image), "--prompt", "Hi", "--max-new-tokens", "8"]
-    argv += ["--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--seed", "4", "--dtype", "bfloat16"]
-    argv += ["--system", "Be brief.", "--template", "llava_v1"]
-    first, second = run(capsys, *argv), run(capsys, *argv)
-    assert first[0] == 0 and first == second
+    argv += ["--temperature", "1.2", "--top-p", "0.5", "--top-k", "5", "--seed", "4", "--dtype", "bfloat16"]
+    argv += ["--system", "Be brief.", "--template", "llava_llama_2"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    pipe = Pipeline(ckpt, dtype=torch.bfloat16, template="llava_llama_2")
+    flags = dict(system="Be brief.", max_new_tokens=8, temperature=1.2, top_p=0.5, top_k=5, seed=4)
+    expected = pipe.chat("Hi", images=[str(image)], **flags)
+    assert out == expected + "\n"
+    # The comparison can fail: leaving out any one flag changes this answer.
+    for dropped in ("system", "top_p", "top_k", "seed"):
+        assert pipe.chat("Hi", images=[str(image)], **{k: v for k, v in flags.items() if k != dropped}) != expected
+    assert Pipeline(ckpt, dtype=torch.bfloat16).chat("Hi", images=[str(image)], **flags) != expected  # template
 
 
 def test_info(ckpt, capsys):

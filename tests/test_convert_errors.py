@@ -206,9 +206,9 @@ def test_non_empty_dst_needs_force_and_force_replaces_only_when_done(original, t
 
 def test_failure_while_writing_leaves_nothing(original, tmp_path, monkeypatch, capsys):
     src, clip = original
-    from weights_convert import convert as convert_module
+    from minillava import safetensors_io
 
-    real = convert_module.ShardWriter.write
+    real = safetensors_io.ShardWriter.write
     calls = []
 
     def failing(self, name, tensor):
@@ -217,7 +217,7 @@ def test_failure_while_writing_leaves_nothing(original, tmp_path, monkeypatch, c
             raise OSError("No space left on device")
         real(self, name, tensor)
 
-    monkeypatch.setattr(convert_module.ShardWriter, "write", failing)
+    monkeypatch.setattr(safetensors_io.ShardWriter, "write", failing)
     assert "No space left" in run([src, tmp_path / "out", "--vision-tower", clip], capsys)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 

@@ -7,17 +7,16 @@ import torch
 from torch.testing import assert_close
 
 from minillava.generate import generate
-from tests.hf_reference import IMAGE_TOKEN_ID, batch_inputs, convert_hf, make_hf_model
+from tests.hf_reference import IMAGE_TOKEN_ID, batch_inputs
 
 FP32 = {"rtol": 1e-5, "atol": 1e-5}
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    hf = make_hf_model(seed=31)
+def pair(hf_reference):
+    hf, ours, _ = hf_reference(seed=31)
     # The attention probabilities come from transformers' eager path; the tower stays on SDPA, as ours.
     hf.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
-    ours, _ = convert_hf(hf, tmp_path_factory.mktemp("contract"))
     return hf, ours
 
 

@@ -6,15 +6,14 @@ import pytest
 import torch
 
 from minillava.generate import GenerationConfig, generate, process_logits, sample_next, stream_generate
-from tests.hf_reference import IMAGE_TOKEN_ID, convert_hf, make_hf_model
+from tests.hf_reference import IMAGE_TOKEN_ID
 
 PAD = 0
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    hf = make_hf_model(seed=21)
-    ours, _ = convert_hf(hf, tmp_path_factory.mktemp("generate"))
+def pair(hf_reference):
+    hf, ours, _ = hf_reference(seed=21)
     return hf, ours
 
 
@@ -114,10 +113,11 @@ def test_eos_stops_a_row_and_pads_it_like_transformers(pair):
     assert got.tolist() == expected.tolist()
     stop = free[1].tolist().index(eos)
     assert got[1, stop] == eos and (got[1, stop + 1 :] == PAD).all()
-    # The other rows are unaffected by row 1 finishing.
+    # The other rows are unaffected by row 1 finishing: each is its free run, up to its own first EOS if any.
     for i in (0, 2):
-        if eos not in free[i].tolist():
-            assert got[i].tolist() == free[i, : got.shape[1]].tolist()
+        row = free[i].tolist()
+        end = row.index(eos) + 1 if eos in row else got.shape[1]
+        assert got[i, :end].tolist() == row[:end] and (got[i, end:] == PAD).all()
 
 
 def test_generation_ends_when_every_row_has_finished(pair):
@@ -262,9 +262,9 @@ def test_settings_come_as_a_config_or_as_keywords(pair):
         ),
         (
             {"pixel_values": torch.zeros(2, 3, 28, 28)},
-            "hold 16 image placeholders (id 90, 16 per image) but pixel_values holds 2 image(s), which need 32",
+            "hold 16 image placeholders (id 90) but 2 image(s) give 32 feature rows (16 per image)",
         ),
-        ({"pixel_values": None}, "but pixel_values holds 0 image(s), which need 0"),
+        ({"pixel_values": None}, "hold 16 image placeholders (id 90) but 0 image(s) give 0 feature rows"),
         ({"pixel_values": torch.zeros(1, 3, 32, 32)}, "pixel_values must be [N, 3, 28, 28], got [1, 3, 32, 32]"),
         ({"attention_mask": torch.tensor([[1] * 17 + [0]])}, "generation needs left padding"),
     ],

@@ -150,7 +150,7 @@ def test_pad_fills_with_the_mean_colour():
 
 
 def test_rgba_is_converted_like_original_llava_not_composited_on_white():
-    """Fact for the README: transformers 5.x's PIL processor composites transparency onto white; original LLaVA
+    """Fact for docs/inputs.md: transformers 5.x's PIL processor composites transparency onto white; original LLaVA
     (and this package) use Image.convert("RGB"), which keeps the colour under the alpha."""
     rgba = make_image(40, 30, "RGBA")
     ours = preprocess([rgba], SMALL)

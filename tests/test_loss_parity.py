@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from minillava.train import token_loss_sum
-from tests.hf_reference import IMAGE_TOKEN_ID, convert_hf, make_hf_model
+from minillava.model import causal_lm_loss
+from tests.hf_reference import IMAGE_TOKEN_ID
 
 FP32 = {"rtol": 1e-5, "atol": 1e-5}
 PAD = 0
@@ -65,9 +65,8 @@ def training_batch(k: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    hf = make_hf_model(seed=11)
-    ours, _ = convert_hf(hf, tmp_path_factory.mktemp("loss"))
+def pair(hf_reference):
+    hf, ours, _ = hf_reference(seed=11)
     return hf, ours
 
 
@@ -110,6 +109,5 @@ def test_loss_is_mean_over_supervised_tokens_only(pair):
         wider["labels"] = torch.nn.functional.pad(batch["labels"], (0, extra), value=-100)
         assert_close(ours(**wider).loss, loss, **FP32)
         logits = ours(batch["input_ids"], batch["pixel_values"], batch["attention_mask"]).logits
-        total, count = token_loss_sum(logits, batch["labels"])
-    assert count == int((batch["labels"][:, 1:] != -100).sum())
-    assert_close(total / count, loss, **FP32)
+        total = causal_lm_loss(logits, batch["labels"], reduction="sum")
+    assert_close(total / int((batch["labels"][:, 1:] != -100).sum()), loss, **FP32)

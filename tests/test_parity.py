@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tests.hf_reference import IMAGE_TOKEN_ID, batch_inputs, convert_hf, make_hf_model
+from tests.hf_reference import IMAGE_TOKEN_ID, batch_inputs
 
 FP32 = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -43,9 +43,8 @@ def reset_dynamic_rope(hf) -> None:
 
 
 @pytest.fixture(scope="module", params=list(OPTIONS), ids=list(OPTIONS))
-def pair(request, tmp_path_factory):
-    hf = make_hf_model(seed=len(request.param), **OPTIONS[request.param])
-    ours, _ = convert_hf(hf, tmp_path_factory.mktemp(request.param))
+def pair(request, hf_reference):
+    hf, ours, _ = hf_reference(seed=len(request.param), **OPTIONS[request.param])
     return hf, ours
 
 

@@ -6,71 +6,20 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
 
-import minillava
-from minillava.config import ImageConfig, LlavaConfig, TextConfig, VisionConfig
 from minillava.generate import generate
-from minillava.model import Llava
 from minillava.pipeline import Pipeline
 from minillava.textrow import TextRow
-from tests.hf_reference import spread_weights
-from tests.sp_fixtures import VOCAB_SIZE, write_tokenizer_dir
-
-IMAGE_ID = VOCAB_SIZE  # write_tokenizer_dir adds <image> = VOCAB_SIZE, <pad> = VOCAB_SIZE + 1
-
-
-def make_checkpoint(dst: Path, seed: int = 0, template: str = "vicuna_v1") -> Path:
-    """A tiny random minillava checkpoint with a real (LLaMA-style) tokenizer, written like a converted one."""
-    config = LlavaConfig(
-        vision=VisionConfig(
-            hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2, image_size=28, patch_size=7
-        ),
-        text=TextConfig(
-            vocab_size=VOCAB_SIZE + 32,
-            hidden_size=64,
-            intermediate_size=96,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            rms_norm_eps=1e-5,
-            max_position_embeddings=512,
-            pad_token_id=VOCAB_SIZE + 1,
-        ),
-        image_token_id=IMAGE_ID,
-        image=ImageConfig(mode="pad", shortest_edge=28, crop_size=28),
-        chat_template=template,
-    )
-    torch.manual_seed(seed)
-    model = Llava(config).eval()
-    spread_weights(model, seed)
-    with torch.no_grad():
-        model.llm.lm_head.weight[2] = 0.0  # EOS logit 0 among large ones: answers have some length
-    tok = write_tokenizer_dir(dst.parent / f"{dst.name}-tokenizer")
-    minillava.save(model, dst, extra_files=sorted(tok.iterdir()))
-    return dst
-
-
-def write_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> Path:
-    Image.new("RGB", size, color).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("pipe") / "model")
+def ckpt(chat_checkpoint) -> Path:
+    return chat_checkpoint
 
 
 @pytest.fixture(scope="module")
 def pipe(ckpt) -> Pipeline:
     return Pipeline(ckpt)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> list[Path]:
-    d = tmp_path_factory.mktemp("images")
-    return [write_image(d / "red.png", (200, 30, 30)), write_image(d / "blue.png", (20, 40, 220), (25, 50))]
 
 
 def test_chat_equals_token_generation_decoded(pipe, images):

@@ -133,7 +133,7 @@ def test_marker_count_must_match_images(hf_dir, markers, images):
 
 def test_batch_errors(hf_dir):
     proc = load_processor(hf_dir)
-    with pytest.raises(ValueError, match="prompt 1: the prompt has 1 <image> marker\\(s\\) but 0 image"):
+    with pytest.raises(ValueError, match="prompt 1: 1 <image> marker\\(s\\) but 0 image"):
         proc(["<image> a", "<image> b"], images=[[_png(8, 8)], []])
     with pytest.raises(ValueError, match="one list of images per prompt"):
         proc(["<image> a", "b"], images=_png(8, 8))
@@ -192,7 +192,7 @@ def _hf_processor(path):
 
 @pytest.mark.parametrize("legacy", [False, True])
 def test_llava_hf_processor_differences(tmp_path, legacy):
-    """Facts for the README, with the original (slow tokenizer, chunk rule) on one side and transformers'
+    """Facts for docs/inputs.md, with the original (slow tokenizer, chunk rule) on one side and transformers'
     LlavaProcessor (fast tokenizer over the expanded string) on the other:
 
     - text opening with a space after an image ("<image> ASSISTANT:"): the original keeps the dummy-prefix "▁"

@@ -25,8 +25,8 @@ SLOTS = 4
 
 
 @pytest.fixture(scope="module")
-def pipe() -> Pipeline:
-    return Pipeline()
+def pipe(bundled_pipeline) -> Pipeline:
+    return bundled_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from tests.serve_fixtures import QUESTIONS
 
 
 @pytest.fixture(scope="module")
-def pipe() -> Pipeline:
-    return Pipeline()
+def pipe(bundled_pipeline) -> Pipeline:
+    return bundled_pipeline
 
 
 class Answer:

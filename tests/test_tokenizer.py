@@ -112,7 +112,7 @@ def test_legacy_flag_changes_ids_after_special_tokens(tmp_path):
 
 
 def test_transformers5_fast_tokenizer_differs_on_leading_spaces(tmp_path):
-    """Fact for the README: transformers 5.x's AutoTokenizer is not the slow tokenizer on chunks opening with a space.
+    """Fact for docs/inputs.md: transformers 5's AutoTokenizer is not the slow tokenizer on chunks opening with a space.
 
     Original LLaVA gets such chunks whenever text follows an image without a newline ("<image> ASSISTANT:").
     """

@@ -1,7 +1,7 @@
 """The trainer on one process: stages, schedule, a real short run over a tiny dataset, resume, and errors.
 
 Everything is real: a tiny random minillava checkpoint with a trained sentencepiece tokenizer, PNG files
-written with Pillow, LLaVA-format JSON. The helpers here are shared with ``test_train_distributed.py``.
+written with Pillow, LLaVA-format JSON (``train_setup`` in ``conftest.py``).
 """
 
 from __future__ import annotations
@@ -13,194 +13,194 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 from torch.testing import assert_close
 
 import minillava
-from minillava.config import ImageConfig, LlavaConfig, TextConfig, VisionConfig
+from minillava.checkpoint import CARRIED_FILES
 from minillava.data import Collator, DataError, LlavaDataset, group_by_length, read_records, sample_messages
-from minillava.labels import IGNORE_INDEX
-from minillava.model import Llava
+from minillava.model import IGNORE_INDEX, Llava, causal_lm_loss
 from minillava.processor import load_processor
 from minillava.train import (
     NonFiniteLoss,
-    TrainConfig,
     lr_at,
     main,
     set_trainable,
     stage_template,
-    token_loss_sum,
     train,
     with_dummy_image,
 )
-from tests.sp_fixtures import VOCAB_SIZE, write_tokenizer_dir
-
-COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def make_checkpoint(root: Path, seed: int = 0) -> Path:
-    """A tiny random LLaVA (CLIP 3x32 at 28 px, LLaMA 2x64) saved as a minillava checkpoint with its tokenizer."""
-    tok = write_tokenizer_dir(root / "tokenizer")  # <image> = VOCAB_SIZE, <pad> = VOCAB_SIZE + 1
-    config = LlavaConfig(
-        vision=VisionConfig(
-            hidden_size=32, intermediate_size=48, num_layers=3, num_heads=2, image_size=28, patch_size=7
-        ),
-        text=TextConfig(
-            vocab_size=VOCAB_SIZE + 2,
-            hidden_size=64,
-            intermediate_size=96,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            rms_norm_eps=1e-5,
-            pad_token_id=VOCAB_SIZE + 1,
-        ),
-        image_token_id=VOCAB_SIZE,
-        image=ImageConfig(shortest_edge=28, crop_size=28),
-        chat_template="vicuna_v1",
-    )
-    torch.manual_seed(seed)
-    model = Llava(config)
-    minillava.save(model, root / "model", extra_files=[tok / name for name in TOKENIZER_FILES])
-    return root / "model"
-
-
-def make_dataset(root: Path, n_image: int = 12, n_text: int = 4, seed: int = 0, name: str = "data.json") -> Path:
-    """Coloured pictures with "what colour?" questions, plus text-only samples; images under root/images."""
-    rng = random.Random(seed)
-    images = root / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(n_image):
-        color = rng.choice(list(COLORS))
-        Image.new("RGB", (28 + i % 5, 28), COLORS[color]).save(images / f"{i}.png")
-        records.append(
-            {
-                "id": f"img{i}",
-                "image": f"{i}.png",
-                "conversations": [
-                    {"from": "human", "value": "What color is the picture?\n<image>"},
-                    {"from": "gpt", "value": f"The picture is {color}."},
-                ],
-            }
-        )
-    for i in range(n_text):
-        records.append(
-            {
-                "id": f"txt{i}",
-                "conversations": [
-                    {"from": "human", "value": "Describe a street."},
-                    {"from": "gpt", "value": "A man is standing on the street."},
-                    {"from": "human", "value": "Where is the tree?"},
-                    {"from": "gpt", "value": "At the top left."},
-                ],
-            }
-        )
-    rng.shuffle(records)
-    path = root / name
-    path.write_text(json.dumps(records))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return make_checkpoint(root), make_dataset(root), root / "images"
-
-
-def config(tiny, output: Path, **overrides) -> TrainConfig:
-    model, data, images = tiny
-    base = {
-        "model": str(model),
-        "data": str(data),
-        "image_folder": str(images),
-        "output": str(output),
-        "lr": 3e-3,
-        "warmup_ratio": 0.0,
-        "batch_size": 4,
-        "precision": "fp32",
-        "progress": False,
-    }
-    return TrainConfig(**{**base, **overrides})
-
-
-def read_log(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
-
+from tests.tiny_models import make_dataset, read_log, train_config
 
 # --- a real run ---
 
 
-def test_short_run_reduces_loss_and_resume_continues_the_curve(tiny, tmp_path):
-    first = train(config(tiny, tmp_path / "a", max_steps=8, save_every=4))
-    losses = first["losses"]
+@pytest.fixture(scope="module")
+def short_run(train_setup, tmp_path_factory):
+    """8 steps with a checkpoint every 4: ``(output directory, losses)``."""
+    output = tmp_path_factory.mktemp("short") / "a"
+    return output, train(train_config(train_setup, output, max_steps=8, save_every=4))["losses"]
+
+
+def test_short_run_reduces_the_loss(short_run):
+    _, losses = short_run
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-2:]) / 2 < losses[0] - 0.5, f"loss did not go down: {losses}"
-    assert [r["loss"] for r in read_log(tmp_path / "a")] == losses
-    record = read_log(tmp_path / "a")[0]
-    assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "supervised_tokens"} <= set(record)
 
-    # The trained model and every checkpoint are plain minillava directories with their tokenizer.
-    for path in (tmp_path / "a", tmp_path / "a" / "checkpoint-4"):
-        model = minillava.load(path)
+
+def test_log_has_a_record_per_step(short_run):
+    output, losses = short_run
+    records = read_log(output)
+    assert [r["loss"] for r in records] == losses and [r["step"] for r in records] == list(range(1, 9))
+    assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "supervised_tokens"} <= set(records[0])
+
+
+def test_trained_model_and_checkpoints_load_as_minillava_directories(short_run):
+    output, _ = short_run
+    for path in (output, output / "checkpoint-4"):
+        assert isinstance(minillava.load(path), Llava)
         assert load_processor(path).template.name == "vicuna_v1"
-        assert isinstance(model, Llava)
 
-    # Resume from step 4 into a new directory: steps 5..8 repeat bit for bit.
-    second = train(config(tiny, tmp_path / "b", max_steps=8, resume=str(tmp_path / "a" / "checkpoint-4")))
-    assert second["losses"] == losses[4:]
-    a, b = minillava.load(tmp_path / "a").state_dict(), minillava.load(tmp_path / "b").state_dict()
+
+def test_trained_model_and_checkpoints_carry_every_file_beside_the_weights(short_run, train_setup):
+    output, _ = short_run
+    source = train_setup[0]
+    carried = [name for name in CARRIED_FILES if (source / name).is_file()]
+    assert {"tokenizer.model", "tokenizer.json", "chat_template.jinja"} <= set(carried)
+    for path in (output, output / "checkpoint-4"):
+        for name in carried:
+            assert (path / name).read_bytes() == (source / name).read_bytes(), f"{path.name}/{name}"
+
+
+def test_resume_repeats_the_uninterrupted_run_bit_for_bit(short_run, train_setup, tmp_path):
+    output, losses = short_run
+    resumed = train(train_config(train_setup, tmp_path / "b", max_steps=8, resume=str(output / "checkpoint-4")))
+    assert resumed["losses"] == losses[4:]
+    a, b = minillava.load(output).state_dict(), minillava.load(tmp_path / "b").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_same_seed_same_run_and_cli(tiny, tmp_path):
+def test_same_seed_same_run_and_cli(train_setup, tmp_path):
     """Bit-for-bit reproducible on one process; the CLI runs the same job."""
-    model, data, images = tiny
+    model, data, images = train_setup
     argv = [
         "--model", str(model), "--data", str(data), "--image-folder", str(images), "--output", str(tmp_path / "cli"),
         "--max-steps", "3", "--batch-size", "4", "--lr", "3e-3", "--warmup-ratio", "0", "--precision", "fp32",
         "--no-progress", "--seed", "5",
     ]  # fmt: skip
     assert main(argv) == 0
-    again = train(config(tiny, tmp_path / "api", max_steps=3, seed=5))
+    again = train(train_config(train_setup, tmp_path / "api", max_steps=3, seed=5))
     assert [r["loss"] for r in read_log(tmp_path / "cli")] == again["losses"]
-    other_seed = train(config(tiny, tmp_path / "seed6", max_steps=3, seed=6))
+    other_seed = train(train_config(train_setup, tmp_path / "seed6", max_steps=3, seed=6))
     assert other_seed["losses"] != again["losses"]
 
 
-def test_pretrain_changes_only_the_projector(tiny, tmp_path):
-    model_dir, _, images = tiny
+def test_gradient_accumulation_gives_the_same_losses_and_gradient_norms(train_setup, tmp_path):
+    """A global batch of 4 as one micro-batch or as two of 2. Adam (and clipping) hide a wrong gradient scale from
+    the losses; the logged gradient norm (before clipping) shows it."""
+    whole = train(train_config(train_setup, tmp_path / "whole", max_steps=3, batch_size=4, grad_accum=1))
+    split = train(train_config(train_setup, tmp_path / "split", max_steps=3, batch_size=2, grad_accum=2))
+    assert_close(torch.tensor(split["losses"]), torch.tensor(whole["losses"]), rtol=1e-5, atol=0)
+    norms = [[r["grad_norm"] for r in read_log(tmp_path / name)] for name in ("whole", "split")]
+    assert_close(torch.tensor(norms[1]), torch.tensor(norms[0]), rtol=1e-5, atol=0)
+
+
+def test_pretrain_changes_only_the_projector(train_setup, tmp_path):
+    model_dir = train_setup[0]
     data = make_dataset(tmp_path, n_image=8, n_text=0)
-    train(config(tiny, tmp_path / "out", stage="pretrain", max_steps=2, data=str(data), image_folder=str(images)))
+    images = str(tmp_path / "images")
+    train(
+        train_config(train_setup, tmp_path / "out", stage="pretrain", max_steps=2, data=str(data), image_folder=images)
+    )
     before, after = minillava.load(model_dir).state_dict(), minillava.load(tmp_path / "out").state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {k for k in before if k.startswith("projector.")}
     assert load_processor(tmp_path / "out").template.name == "plain"
 
 
-def test_finetune_bf16_with_activation_checkpointing_runs(tiny, tmp_path):
-    result = train(config(tiny, tmp_path / "out", max_steps=2, precision="bf16", activation_checkpointing=True))
+def test_finetune_changes_projector_and_decoder_not_the_tower(train_setup, tmp_path):
+    train(train_config(train_setup, tmp_path / "out", max_steps=2))
+    before, after = minillava.load(train_setup[0]).state_dict(), minillava.load(tmp_path / "out").state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"projector", "llm"}
+
+
+def test_bf16_precision_runs_the_linear_layers_in_bf16(train_setup, tmp_path):
+    dtypes: set[torch.dtype] = set()
+
+    def record(module, args, output):
+        if isinstance(module, nn.Linear):
+            dtypes.add(output.dtype)
+
+    handle = nn.modules.module.register_module_forward_hook(record)
+    try:
+        result = train(train_config(train_setup, tmp_path / "out", max_steps=1, precision="bf16"))
+    finally:
+        handle.remove()
+    assert dtypes == {torch.bfloat16}
     assert all(torch.isfinite(torch.tensor(result["losses"])))
-    before, after = minillava.load(tiny[0]).state_dict(), minillava.load(tmp_path / "out").state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("vision."))
-    assert not torch.equal(before["llm.layers.0.mlp.up_proj.weight"], after["llm.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.fixture
+def block_calls(train_setup, monkeypatch) -> list[int]:
+    """Counts the decoder blocks' forward computations (a recompute in backward counts again)."""
+    block = type(minillava.load(train_setup[0]).llm.layers[0])
+    forward, calls = block.forward, []
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(block, "forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_checkpointing_recomputes_each_block_in_backward(train_setup, tmp_path, block_calls, checkpointing):
+    # One step of one micro-batch through two decoder blocks: each runs once, and once more when recomputed.
+    train(train_config(train_setup, tmp_path / "out", max_steps=1, activation_checkpointing=checkpointing))
+    assert len(block_calls) == (4 if checkpointing else 2)
+
+
+def test_activation_checkpointing_changes_no_number(train_setup, tmp_path):
+    plain = train(train_config(train_setup, tmp_path / "plain", max_steps=3))
+    recomputed = train(train_config(train_setup, tmp_path / "ckpt", max_steps=3, activation_checkpointing=True))
+    assert recomputed["losses"] == plain["losses"]
 
 
 # --- stages, schedule, loss pieces ---
 
 
-def test_stages_flip_requires_grad_without_copying(tiny):
-    model = minillava.load(tiny[0])
-    pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
-    trainable = set(set_trainable(model, "pretrain"))
-    assert trainable == {n for n in pointers if n.startswith("projector.")}
+def test_pretrain_trains_only_the_projector(train_setup):
+    model = minillava.load(train_setup[0])
+    assert set(set_trainable(model, "pretrain")) == {
+        n for n, _ in model.named_parameters() if n.startswith("projector.")
+    }
+
+
+def test_finetune_trains_projector_and_decoder(train_setup):
+    model = minillava.load(train_setup[0])
     trainable = set(set_trainable(model, "finetune"))
-    assert trainable == {n for n in pointers if n.startswith(("projector.", "llm."))}
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith(("projector.", "llm."))}
+
+
+def test_freezing_copies_no_weight(train_setup):
+    model = minillava.load(train_setup[0])
+    pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
+    set_trainable(model, "pretrain")
+    set_trainable(model, "finetune", train_vision=True)
     assert {n: p.data_ptr() for n, p in model.named_parameters()} == pointers
-    # The frozen tower runs under no_grad: even pixels that want a gradient get none through it.
-    pixels = torch.randn(1, 3, 28, 28, requires_grad=True)
+
+
+def test_a_frozen_tower_runs_without_autograd(train_setup):
+    model = minillava.load(train_setup[0])
+    set_trainable(model, "finetune")
+    pixels = torch.randn(1, 3, 28, 28, requires_grad=True)  # even pixels that want a gradient get none through it
     assert not model.vision(pixels, [-2]).requires_grad
-    trainable = set(set_trainable(minillava.load(tiny[0]), "finetune", train_vision=True))
+
+
+def test_train_vision_trains_the_tower_layers_that_run(train_setup):
+    trainable = set(set_trainable(minillava.load(train_setup[0]), "finetune", train_vision=True))
     # Feature layer -2 of 3: layers 0-1 run and train; layer 2 and post_layernorm never run.
     assert "vision.encoder.layers.1.mlp.fc1.weight" in trainable and "vision.embeddings.class_embedding" in trainable
     assert not any(n.startswith(("vision.encoder.layers.2.", "vision.post_layernorm.")) for n in trainable)
@@ -226,9 +226,9 @@ def test_schedule_is_transformers_cosine_with_warmup():
         sched.step()
 
 
-def test_dummy_image_changes_neither_loss_nor_gradients(tiny):
+def test_dummy_image_changes_neither_loss_nor_gradients(train_setup):
     """The zero image FSDP needs in an image-less micro-batch contributes exactly nothing."""
-    model = minillava.load(tiny[0])
+    model = minillava.load(train_setup[0])
     set_trainable(model, "finetune")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 700, (2, 9), generator=gen)
@@ -241,7 +241,8 @@ def test_dummy_image_changes_neither_loss_nor_gradients(tiny):
     def grads(b):
         model.zero_grad(set_to_none=True)
         logits = model(b["input_ids"], b["pixel_values"], b["attention_mask"]).logits
-        total, count = token_loss_sum(logits, b["labels"])
+        total = causal_lm_loss(logits, b["labels"], reduction="sum")
+        count = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
         total.backward()
         return total.detach(), count, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -259,9 +260,9 @@ def test_dummy_image_changes_neither_loss_nor_gradients(tiny):
 # --- data ---
 
 
-def test_collator_right_pads_and_keeps_images_in_order(tiny):
-    proc = load_processor(tiny[0])
-    ds = LlavaDataset(tiny[1], tiny[2], proc)
+def test_collator_right_pads_and_keeps_images_in_order(train_setup):
+    proc = load_processor(train_setup[0])
+    ds = LlavaDataset(train_setup[1], train_setup[2], proc)
     items = [ds[i] for i in range(len(ds))][:6]
     batch = Collator(proc.pad_token_id)(items)
     lengths = [len(item["input_ids"]) for item in items]
@@ -302,13 +303,15 @@ def test_group_by_length_batches_similar_lengths_in_a_seeded_order():
     assert sorted(short[980:994]) == sorted(tail[:14])
 
 
-def test_group_by_length_run_resumes_bit_for_bit(tiny, tmp_path):
-    first = train(config(tiny, tmp_path / "a", max_steps=6, save_every=3, group_by_length=True, batch_size=3))
-    plain = train(config(tiny, tmp_path / "plain", max_steps=6, batch_size=3))
+def test_group_by_length_run_resumes_bit_for_bit(train_setup, tmp_path):
+    first = train(
+        train_config(train_setup, tmp_path / "a", max_steps=6, save_every=3, group_by_length=True, batch_size=3)
+    )
+    plain = train(train_config(train_setup, tmp_path / "plain", max_steps=6, batch_size=3))
     assert first["losses"] != plain["losses"]  # another order of the same samples
     second = train(
-        config(
-            tiny,
+        train_config(
+            train_setup,
             tmp_path / "b",
             max_steps=6,
             group_by_length=True,
@@ -351,23 +354,24 @@ def good(i: int) -> dict:
     }
 
 
-def test_missing_image_stops_naming_sample_and_file_or_is_skipped(tiny, tmp_path):
+def test_missing_image_stops_naming_sample_and_file_or_is_skipped(train_setup, tmp_path):
     bad = {**good(0), "id": "lost", "image": "missing/nowhere.png"}
     data = write(tmp_path, [good(1), good(2), bad, good(3), good(4)])
     with pytest.raises(DataError, match=r"(?s)sample 'lost'.*missing/nowhere\.png.*--skip-bad-samples"):
-        train(config(tiny, tmp_path / "out", data=str(data), max_steps=1))
-    result = train(config(tiny, tmp_path / "out", data=str(data), max_steps=1, skip_bad_samples=True))
+        train(train_config(train_setup, tmp_path / "out", data=str(data), max_steps=1))
+    result = train(train_config(train_setup, tmp_path / "out", data=str(data), max_steps=1, skip_bad_samples=True))
     assert result["skipped"] == 1 and result["steps"] == 1
 
 
-def test_unreadable_image_names_sample_and_file_or_is_skipped(tiny, tmp_path, capsys):
+def test_unreadable_image_names_sample_and_file_or_is_skipped(train_setup, tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (28, 28), (1, 2, 3)).save(images / "0.png")
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     data = write(tmp_path, [good(1), {**good(0), "id": "corrupt", "image": "broken.png"}])
     argv = [
-        "--model", str(tiny[0]), "--data", str(data), "--image-folder", str(images), "--output", str(tmp_path / "o"),
+        "--model", str(train_setup[0]), "--data", str(data), "--image-folder", str(images),
+        "--output", str(tmp_path / "o"),
         "--max-steps", "1", "--batch-size", "2", "--precision", "fp32", "--no-progress",
     ]  # fmt: skip
     assert main(argv) == 1
@@ -386,28 +390,28 @@ def test_unreadable_image_names_sample_and_file_or_is_skipped(tiny, tmp_path, ca
         ([{"from": "robot", "value": "a"}], "unknown speaker"),
     ],
 )
-def test_bad_conversations_are_named(tiny, tmp_path, conversations, message):
+def test_bad_conversations_are_named(train_setup, tmp_path, conversations, message):
     data = write(tmp_path, [good(1), {"id": "weird", "conversations": conversations}])
     with pytest.raises(DataError, match=rf"sample 'weird'.*{message}"):
-        LlavaDataset(data, tiny[2], load_processor(tiny[0]))
+        LlavaDataset(data, train_setup[2], load_processor(train_setup[0]))
 
 
-def test_long_samples_are_cut_outside_images_or_refused(tiny, tmp_path):
-    proc = load_processor(tiny[0])
+def test_long_samples_are_cut_outside_images_or_refused(train_setup, tmp_path):
+    proc = load_processor(train_setup[0])
     long = {**good(0), "id": "long"}
     long["conversations"][1]["value"] = "The picture is red. " * 30
     data = write(tmp_path, [long])
-    ds = LlavaDataset(data, tiny[2], proc, max_length=80)
+    ds = LlavaDataset(data, train_setup[2], proc, max_length=80)
     item = ds[0]
     assert len(item["input_ids"]) == 80 and item["pixel_values"].shape[0] == 1
     assert int((item["input_ids"] == proc.image_token_id).sum()) == proc.num_image_tokens
     with pytest.raises(ValueError, match=r"sample 'long'.*longer than max_length 80"):
-        LlavaDataset(data, tiny[2], proc, max_length=80, refuse_long=True)[0]
+        LlavaDataset(data, train_setup[2], proc, max_length=80, refuse_long=True)[0]
 
 
-def test_nan_loss_stops_with_step_and_last_checkpoint_survives(tiny, tmp_path, capsys):
+def test_nan_loss_stops_with_step_and_last_checkpoint_survives(train_setup, tmp_path, capsys):
     # An absurd learning rate: step 1 is finite, its update overflows the weights, step 2's loss is NaN.
-    cfg = config(tiny, tmp_path / "out", lr=1e30, max_steps=4, save_every=1)
+    cfg = train_config(train_setup, tmp_path / "out", lr=1e30, max_steps=4, save_every=1)
     with pytest.raises(NonFiniteLoss, match=r"at step 2.*checkpoint-1"):
         train(cfg)
     survivor = minillava.load(tmp_path / "out" / "checkpoint-1")
@@ -416,7 +420,7 @@ def test_nan_loss_stops_with_step_and_last_checkpoint_survives(tiny, tmp_path, c
     assert [r["step"] for r in read_log(tmp_path / "out")] == [1]
 
 
-def test_resume_refuses_a_different_global_batch(tiny, tmp_path):
-    train(config(tiny, tmp_path / "out", max_steps=2, save_every=1))
+def test_resume_refuses_a_different_global_batch(train_setup, tmp_path):
+    train(train_config(train_setup, tmp_path / "out", max_steps=2, save_every=1))
     with pytest.raises(ValueError, match=r"global batch of 4 .* this run has 2"):
-        train(config(tiny, tmp_path / "out", max_steps=3, batch_size=2, resume="latest"))
+        train(train_config(train_setup, tmp_path / "out", max_steps=3, batch_size=2, resume="latest"))

@@ -22,7 +22,7 @@ import minillava
 from minillava.data import LlavaDataset
 from minillava.processor import load_processor
 from minillava.train import train
-from tests.test_train import config, make_checkpoint, make_dataset, read_log
+from tests.tiny_models import make_dataset, read_log, train_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -37,9 +37,10 @@ def torchrun(args: list[str], nproc: int = 2, timeout: float = 150) -> subproces
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(train_setup, tmp_path_factory):
+    """The shared tiny checkpoint with a dataset of its own (more text-only samples)."""
     root = tmp_path_factory.mktemp("tiny2")
-    return make_checkpoint(root), make_dataset(root, n_image=10, n_text=6), root / "images"
+    return train_setup[0], make_dataset(root, n_image=10, n_text=6), root / "images"
 
 
 def test_two_processes_give_the_one_process_losses(tiny, tmp_path):
@@ -53,7 +54,7 @@ def test_two_processes_give_the_one_process_losses(tiny, tmp_path):
     run = torchrun(args)
     assert run.returncode == 0, run.stderr[-3000:]
     two = [r["loss"] for r in read_log(tmp_path / "two")]
-    one = train(config(tiny, tmp_path / "one", max_steps=STEPS, batch_size=2, grad_accum=2))["losses"]
+    one = train(train_config(tiny, tmp_path / "one", max_steps=STEPS, batch_size=2, grad_accum=2))["losses"]
     print(f"\n1 process:   {one}\n2 processes: {two}")
     assert len(two) == STEPS
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=0)

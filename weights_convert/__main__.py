@@ -10,12 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
+from minillava.layouts import detect
+from minillava.progress import ProgressBar
+from minillava.safetensors_io import DTYPES
 
-from .convert import convert, detect
+from .convert import convert
 from .to_hf import export_hf
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_SHARD_SIZE = "2GB"
 
 
@@ -35,24 +36,6 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise ValueError(f"--max-shard-size {text!r}: must be positive")
     return value
-
-
-class ProgressBar:
-    """A plain progress bar over source files on stderr; silent when stderr is not a terminal."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def __call__(self, i: int, n: int, path: Path) -> None:
-        if not self.enabled:
-            return
-        width = 30
-        filled = width * i // max(n, 1)
-        label = "done" if i == n else path.name
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {i}/{n} {label[:60]:<60}")
-        if i == n:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    progress = ProgressBar(sys.stderr.isatty())
+    bar = ProgressBar(enabled=sys.stderr.isatty())
+
+    def progress(i: int, n: int, path: Path) -> None:
+        bar.update(i, n, "done" if i == n else path.name[:60])
+
     try:
         max_shard_bytes = parse_size(args.max_shard_size)
         dtype = DTYPES.get(args.dtype)

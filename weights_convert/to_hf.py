@@ -13,31 +13,32 @@ embedding before overwriting it, so it needs a row; ``pad_vocab`` appends rows a
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from minillava.checkpoint import (
+from minillava.checkpoint import TOKENIZER_FILES
+from minillava.config import LlavaConfig, VisionConfig, read_json
+from minillava.layouts.keymaps import HF_V4, UnmappedKeyError
+from minillava.layouts.reading import ConversionError
+from minillava.layouts.source import MinillavaSource, Planned, cast, cast_dtype, plan
+from minillava.safetensors_io import (
     DEFAULT_SHARD_BYTES,
+    ProgressFn,
     atomic_directory,
-    build_empty,
-    cast,
-    check_state,
-    safetensors_files,
+    dtype_name,
+    open_safetensors,
+    write_shards,
 )
-from minillava.config import LlavaConfig
-
-from .convert import ConversionError, ProgressFn, ShardWriter, open_tensors, out_dtype, read_meta
-from .hf_llava import CARRIED_FILES
-from .keymaps import HF_V4, UnmappedKeyError
 
 IMAGE_TOKEN = "<image>"
 VOCAB_MULTIPLE = 64  # llava-hf pads 32002 -> 32064 for tensor-core friendly shapes
 PADDED_TENSORS = ("llm.embed_tokens.weight", "llm.lm_head.weight")
-TOKENIZER_FILES = tuple(name for name in CARRIED_FILES if name != "generation_config.json")
 
 
 def padded_vocab(config: LlavaConfig, pad_vocab: bool) -> int:
@@ -72,7 +73,6 @@ def hf_config_dict(config: LlavaConfig, vocab_size: int, dtype: torch.dtype) -> 
             f"projector {config.projector_type!r}: llava-hf's projector is two Linears with GELU between "
             "(mlp2x_gelu) and cannot express this one; keep the checkpoint in the minillava layout"
         )
-    dtype_name = str(dtype).removeprefix("torch.")
     text = {
         "model_type": "llama",
         "vocab_size": vocab_size,
@@ -93,19 +93,7 @@ def hf_config_dict(config: LlavaConfig, vocab_size: int, dtype: torch.dtype) -> 
         "bos_token_id": t.bos_token_id,
         "eos_token_id": t.eos_token_id,
         "pad_token_id": t.pad_token_id,
-        "torch_dtype": dtype_name,
-    }
-    vision = {
-        "model_type": "clip_vision_model",
-        "hidden_size": v.hidden_size,
-        "intermediate_size": v.intermediate_size,
-        "num_hidden_layers": v.num_layers,
-        "num_attention_heads": v.num_heads,
-        "image_size": v.image_size,
-        "patch_size": v.patch_size,
-        "num_channels": v.num_channels,
-        "layer_norm_eps": v.layer_norm_eps,
-        "hidden_act": v.hidden_act,
+        "torch_dtype": dtype_name(dtype),
     }
     return {
         "architectures": ["LlavaForConditionalGeneration"],
@@ -117,9 +105,25 @@ def hf_config_dict(config: LlavaConfig, vocab_size: int, dtype: torch.dtype) -> 
         "vision_feature_select_strategy": config.vision_feature_select_strategy,
         "image_seq_length": config.num_image_tokens,
         "tie_word_embeddings": t.tie_word_embeddings,
-        "torch_dtype": dtype_name,
+        "torch_dtype": dtype_name(dtype),
         "text_config": text,
-        "vision_config": vision,
+        "vision_config": clip_vision_dict(v),
+    }
+
+
+def clip_vision_dict(v: VisionConfig) -> dict[str, Any]:
+    """A transformers ``CLIPVisionConfig`` for the tower ``v``."""
+    return {
+        "model_type": "clip_vision_model",
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_layers,
+        "num_attention_heads": v.num_heads,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "num_channels": v.num_channels,
+        "layer_norm_eps": v.layer_norm_eps,
+        "hidden_act": v.hidden_act,
     }
 
 
@@ -160,19 +164,33 @@ def add_image_token(directory: Path, token_id: int) -> None:
     entry = {"content": IMAGE_TOKEN, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
     path = directory / "tokenizer_config.json"
     if path.is_file():
-        data = json.loads(path.read_text())
+        data = read_json(path)
         data.setdefault("added_tokens_decoder", {})[str(token_id)] = {**entry, "special": True}
         path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     path = directory / "tokenizer.json"
     if path.is_file():
-        data = json.loads(path.read_text())
+        data = read_json(path)
         added = [t for t in data.get("added_tokens") or [] if t.get("content") != IMAGE_TOKEN]
         data["added_tokens"] = [*added, {"id": token_id, **entry, "special": True}]
         path.write_text(json.dumps(data, ensure_ascii=False) + "\n")
     path = directory / "added_tokens.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
+    data = read_json(path, missing_ok=True)
     data[IMAGE_TOKEN] = token_id
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _hf_tensors(
+    path: Path, planned: list[Planned], dtype: torch.dtype | None, vocab: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    with open_safetensors(path) as get:
+        for p in planned:
+            tensor = cast(get(p.theirs), dtype)
+            if p.ours in PADDED_TENSORS and tensor.shape[0] < vocab:
+                # llava-hf's conversion drew its extra rows around the mean; the mean itself keeps the export
+                # deterministic. Real tokens' logits are untouched.
+                mean = tensor.float().mean(0, keepdim=True).to(tensor.dtype)
+                tensor = torch.cat([tensor, mean.expand(vocab - tensor.shape[0], -1)])
+            yield HF_V4.to_theirs(p.ours), tensor
 
 
 def export_hf(
@@ -196,40 +214,25 @@ def export_hf(
         progress: called as ``progress(i, n, path)`` before each source file.
     """
     src = Path(src)
-    config = LlavaConfig.load(src)
+    source = MinillavaSource(src)
+    config = source.config()
     vocab = padded_vocab(config, pad_vocab)
-    metas = [(path, read_meta(path)) for path in safetensors_files(src)]
-    expected = {k: v.shape for k, v in build_empty(config).state_dict().items()}
-    check_state(expected, {k: torch.Size(m.shape) for _, meta in metas for k, m in meta.items()}, str(src))
+    files = plan(source, config)
     entries = []
-    for _, meta in metas:
-        for ours, m in meta.items():
+    for _, planned in files:
+        for p in planned:
             try:
-                theirs = HF_V4.to_theirs(ours)
+                theirs = HF_V4.to_theirs(p.ours)
             except UnmappedKeyError:
-                raise ConversionError(f"{src}: no llava-hf name for tensor {ours}") from None
-            shape = (vocab, *m.shape[1:]) if ours in PADDED_TENSORS else m.shape
-            entries.append((theirs, shape, out_dtype(m.dtype, dtype)))
+                raise ConversionError(f"{src}: no llava-hf name for tensor {p.ours}") from None
+            shape = (vocab, *p.meta.shape[1:]) if p.ours in PADDED_TENSORS else p.meta.shape
+            entries.append((theirs, shape, cast_dtype(p.meta.dtype, dtype)))
     # torch_dtype names the decoder's dtype (a CLIP tower kept in fp32 next to an fp16 decoder is common).
     llm_dtype = next(d for name, _, d in entries if name == HF_V4.to_theirs("llm.embed_tokens.weight"))
     hf_config = hf_config_dict(config, vocab, llm_dtype)
+    sources = [(path, functools.partial(_hf_tensors, path, planned, dtype, vocab)) for path, planned in files]
     with atomic_directory(dst, force=force) as tmp:
-        writer = ShardWriter(tmp, entries, max_shard_bytes)
-        for i, (path, meta) in enumerate(metas):
-            if progress:
-                progress(i, len(metas), path)
-            with open_tensors(path) as get:
-                for ours in meta:
-                    tensor = cast(get(ours), dtype)
-                    if ours in PADDED_TENSORS and tensor.shape[0] < vocab:
-                        # llava-hf's conversion drew its extra rows around the mean; the mean itself keeps the
-                        # export deterministic. Real tokens' logits are untouched.
-                        mean = tensor.float().mean(0, keepdim=True).to(tensor.dtype)
-                        tensor = torch.cat([tensor, mean.expand(vocab - tensor.shape[0], -1)])
-                    writer.write(HF_V4.to_theirs(ours), tensor)
-        if progress:
-            progress(len(metas), len(metas), src)
-        writer.close()
+        write_shards(tmp, entries, sources, max_shard_bytes, progress)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_dict(config), indent=2) + "\n")
         (tmp / "processor_config.json").write_text(json.dumps(processor_dict(config), indent=2) + "\n")

@@ -1,161 +1,62 @@
-"""The minillava checkpoint layout: ``config.json`` + safetensors, sharded with an index when large.
+"""Checkpoint directories: :func:`load` any layout minillava reads, :func:`save` the minillava one, describe it.
 
-Loading builds the model on the meta device, reads tensors one at a time from the memory-mapped
-files, casts each once, and hands them over with ``load_state_dict(assign=True, strict=True)``, so
-RAM never holds the model twice. Writing goes to a temporary directory that is renamed at the end.
+The minillava layout is ``config.json`` + safetensors (sharded with an index when large) + the files carried
+next to the weights (tokenizer, chat template, generation settings). Loading builds the model on the meta
+device and hands it the tensors with ``load_state_dict(assign=True, strict=True)`` after checking every name and
+shape (:mod:`minillava.layouts`), so RAM never holds the model twice and a bad checkpoint is named, not
+half-loaded. Writing goes to a temporary directory that is renamed at the end.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import struct
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 
+from .chat import default_template_for
 from .config import LlavaConfig
+from .layouts import detect, load_source
+from .layouts.source import cast
 from .model import Llava
+from .safetensors_io import (
+    DEFAULT_SHARD_BYTES,
+    atomic_directory,
+    dtype_name,
+    safetensors_files,
+    safetensors_header,
+    write_state,
+)
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-DEFAULT_SHARD_BYTES = 2 * 1024**3
+CARRIED_FILES = (
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+"""Files that travel with the weights from one checkpoint directory to the next (conversion, training, export),
+as they are. minillava reads the sentencepiece model and its JSON settings; ``tokenizer.json`` and the chat
+template files are handed on so that an export back to llava-hf keeps them."""
 
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
+TOKENIZER_FILES = tuple(name for name in CARRIED_FILES if name != "generation_config.json")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint's tensors do not fit the model its config describes."""
-
-
-def safetensors_files(directory: str | os.PathLike) -> list[Path]:
-    """The weight files of a safetensors checkpoint directory, in index order."""
+def carried_files(directory: str | os.PathLike) -> list[Path]:
+    """The :data:`CARRIED_FILES` present in ``directory``."""
     directory = Path(directory)
-    index = directory / INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [directory / name for name in dict.fromkeys(weight_map.values())]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
-        return files
-    if (directory / SINGLE_NAME).is_file():
-        return [directory / SINGLE_NAME]
-    raise FileNotFoundError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME}")
-
-
-def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` from safetensors files, one tensor at a time."""
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except (OSError, RuntimeError) as err:
-            if isinstance(err, FileNotFoundError):
-                raise
-            raise OSError(f"{path}: cannot read safetensors file ({err}); is it truncated?") from None
-
-
-def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """Cast floating tensors to ``dtype``; integer buffers and ``None`` keep theirs."""
-    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
-        return tensor
-    return tensor.to(dtype)
-
-
-def check_state(expected: dict[str, torch.Size], found: dict[str, torch.Size], where: str, hint: str = "") -> None:
-    """Raise ``CheckpointError`` naming every missing, unexpected and mis-shaped tensor."""
-    problems = []
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
-    if shapes:
-        problems.append(
-            "wrong shapes: " + ", ".join(f"{k} is {list(found[k])}, expected {list(expected[k])}" for k in shapes)
-        )
-    if problems:
-        raise CheckpointError(f"{where}: " + "; ".join(problems) + (f". {hint}" if hint else ""))
-
-
-def build_empty(config: LlavaConfig) -> Llava:
-    """A ``Llava`` with parameters on the meta device: shapes only, no memory."""
-    with torch.device("meta"):
-        return Llava(config)
-
-
-def load_state(model: Llava, state: dict[str, torch.Tensor], where: str, device=None) -> Llava:
-    """Give ``state`` to a meta-device ``model`` (strict, by assignment) and rebuild derived buffers."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_state(expected, {k: v.shape for k, v in state.items()}, where)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.llm.rotary.reset_buffers(device or "cpu")
-    return model.eval()
-
-
-def is_minillava_dir(path: Path) -> bool:
-    """Whether ``path/config.json`` is a minillava config (anything else goes through ``weights_convert``)."""
-    try:
-        return json.loads((path / "config.json").read_text()).get("format") == "minillava"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _unconverted_source(path: Path, vision_tower: str | os.PathLike | None):
-    # Lazy: weights_convert is only needed for directories that were never converted.
-    from weights_convert.convert import detect
-
-    return detect(path, vision_tower=vision_tower)
+    return [directory / name for name in CARRIED_FILES if (directory / name).is_file()]
 
 
 def load_config(path: str | os.PathLike, vision_tower: str | os.PathLike | None = None) -> LlavaConfig:
-    """The ``LlavaConfig`` of a minillava directory, or of an unconverted llava-hf / original LLaVA directory as
-    :func:`load` would build it (image settings, placeholder id, chat template and generation defaults included)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a directory")
-    if is_minillava_dir(path):
-        if vision_tower is not None:
-            raise ValueError(f"{path} is a converted minillava checkpoint with its own vision tower; drop vision_tower")
-        return LlavaConfig.load(path)
-    return _unconverted_source(path, vision_tower).config()
+    """The ``LlavaConfig`` of a checkpoint directory of any layout, as :func:`load` builds the model from it (image
+    settings, placeholder id, chat template and generation defaults included)."""
+    return detect(Path(path), vision_tower).config()
 
 
 def load(
@@ -170,141 +71,30 @@ def load(
     tokenizer files stay where they are. Weights are memory-mapped and cast once, so RAM holds the model once.
 
     Args:
-        path: a directory written by ``python -m weights_convert`` or :func:`save`, or a llava-hf / original
-            LLaVA checkpoint directory.
+        path: a directory written by ``python -m weights_convert`` or :func:`minillava.save`, or a llava-hf /
+            original LLaVA checkpoint directory.
         dtype: cast floating weights to this dtype (default: keep the stored dtype).
         device: where the weights go.
         vision_tower: for an original LLaVA directory whose weights lack the vision tower, the CLIP checkpoint
             directory to take it from.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a directory")
-    if not is_minillava_dir(path):
-        from weights_convert.convert import load_source
-
-        return load_source(_unconverted_source(path, vision_tower), dtype, device)
-    config = load_config(path, vision_tower)
-    model = build_empty(config)
-    files = safetensors_files(path)
-    state = {name: cast(t, dtype).to(device) for name, t in iter_safetensors(files)}
-    return load_state(model, state, str(path), device)
+    return load_source(detect(Path(path), vision_tower), dtype, device)
 
 
-class ShardWriter:
-    """Safetensors shards whose layout is fixed up front, so each tensor is written the moment it arrives.
-
-    ``entries`` (name, shape, dtype) are cut into shards of at most ``max_shard_bytes`` in the given order. Every
-    shard file gets its header and full length at once; :meth:`write` puts a tensor's bytes at its offset. Nothing
-    is buffered, unlike ``safetensors.save_file``, which needs (and copies) a whole shard in memory.
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        entries: list[tuple[str, tuple[int, ...], torch.dtype]],
-        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-        base: str = "model",
-    ) -> None:
-        if max_shard_bytes <= 0:
-            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-        shards: list[list[tuple[str, TensorMeta]]] = [[]]
-        size = 0
-        for name, shape, dtype in entries:
-            meta = TensorMeta(tuple(shape), dtype)
-            if shards[-1] and size + meta.nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append((name, meta))
-            size += meta.nbytes
-        n = len(shards)
-        names = [f"{base}.safetensors"] if n == 1 else [f"{base}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self.files = [directory / name for name in names]
-        self.index_path = None if n == 1 else directory / f"{base}.safetensors.index.json"
-        self.slots: dict[str, tuple[Path, int, TensorMeta]] = {}
-        self.total_bytes = 0
-        for path, shard in zip(self.files, shards, strict=True):
-            self._lay_out(path, shard)
-        self.written: set[str] = set()
-
-    def _lay_out(self, path: Path, shard: list[tuple[str, TensorMeta]]) -> None:
-        # Widest dtypes first keeps every tensor aligned to its element size, as safetensors' own writer does.
-        ordered = sorted(shard, key=lambda item: -item[1].dtype.itemsize)
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, meta in ordered:
-            header[name] = {
-                "dtype": SAFETENSORS_DTYPES[meta.dtype],
-                "shape": list(meta.shape),
-                "data_offsets": [offset, offset + meta.nbytes],
-            }
-            offset += meta.nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        start = 8 + len(blob)
-        with open(path, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            f.truncate(start + offset)
-        for name, meta in ordered:
-            self.slots[name] = (path, start + header[name]["data_offsets"][0], meta)
-        self.total_bytes += offset
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        path, offset, meta = self.slots[name]
-        if tuple(tensor.shape) != meta.shape or tensor.dtype != meta.dtype:
-            raise CheckpointError(
-                f"{name}: got {list(tensor.shape)} {tensor.dtype}, planned {list(meta.shape)} {meta.dtype}"
-            )
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        with open(path, "r+b") as f:
-            f.seek(offset)
-            f.write(memoryview(data))
-        self.written.add(name)
-
-    def close(self) -> None:
-        """Check that every planned tensor was written and write the index for a sharded checkpoint."""
-        missing = sorted(set(self.slots) - self.written)
-        if missing:
-            raise CheckpointError(f"tensors planned but never written: {', '.join(missing)}")
-        if self.index_path is not None:
-            weight_map = {name: path.name for name, (path, _, _) in self.slots.items()}
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            self.index_path.write_text(json.dumps(index, indent=2) + "\n")
-
-
-def write_state(directory: Path, state: dict[str, torch.Tensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
-    """Write ``state`` as ``model.safetensors`` (or shards + index) in ``directory``, one tensor at a time."""
-    writer = ShardWriter(directory, [(k, tuple(v.shape), v.dtype) for k, v in state.items()], max_shard_bytes)
-    for name, tensor in state.items():
-        writer.write(name, tensor)
-    writer.close()
-
-
-@contextmanager
-def atomic_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``dst`` that becomes ``dst`` only if the block succeeds.
-
-    A non-empty ``dst`` is refused unless ``force``; then it is replaced only after the new one is complete.
-    """
-    dst = Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
-        raise FileExistsError(f"{dst} exists and is not empty; choose another destination or pass --force")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
-        yield tmp
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def write_checkpoint(
+    directory: Path,
+    config: LlavaConfig,
+    state: dict[str, torch.Tensor],
+    carried_from: str | os.PathLike | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> None:
+    """Write a minillava checkpoint into the (new, empty) ``directory``: ``config.json``, the weights one tensor at
+    a time, and the :data:`CARRIED_FILES` found in ``carried_from``."""
+    config.save(directory)
+    write_state(directory, state, max_shard_bytes)
+    if carried_from is not None:
+        for path in carried_files(carried_from):
+            shutil.copy2(path, directory / path.name)
 
 
 def save(
@@ -320,8 +110,38 @@ def save(
     ``extra_files`` (tokenizer files and the like) are copied in beside the weights.
     """
     with atomic_directory(path, force=force) as tmp:
-        model.config.save(tmp)
         state = {name: cast(tensor.detach(), dtype) for name, tensor in model.state_dict().items()}
-        write_state(tmp, state, max_shard_bytes)
+        write_checkpoint(tmp, model.config, state, max_shard_bytes=max_shard_bytes)
         for extra in extra_files:
             shutil.copy2(extra, tmp / Path(extra).name)
+
+
+def describe_checkpoint(path: str | os.PathLike) -> dict:
+    """What ``minillava info`` prints, from ``config.json`` and the safetensors headers (no weights are read)."""
+    path = Path(path)
+    config = LlavaConfig.load(path)
+    parts = {"vision": 0, "projector": 0, "llm": 0}
+    dtypes: dict[str, int] = {}
+    for file in safetensors_files(path):
+        for name, (meta, _) in safetensors_header(file).items():
+            part = name.split(".", 1)[0]
+            parts[part] = parts.get(part, 0) + meta.numel
+            dtypes[dtype_name(meta.dtype)] = dtypes.get(dtype_name(meta.dtype), 0) + meta.numel
+    t, v = config.text, config.vision
+    return {
+        "path": str(path),
+        "layout": config.source_layout or "minillava",
+        "parameters": {**parts, "total": sum(parts.values())},
+        "dtype": ", ".join(sorted(dtypes, key=dtypes.get, reverse=True)),
+        "decoder": f"{t.num_layers} layers, hidden {t.hidden_size}, {t.num_heads} heads ({t.num_kv_heads} kv), "
+        f"head_dim {t.head_dim}, mlp {t.intermediate_size}, vocabulary {t.vocab_size}",
+        "vision": f"CLIP {v.num_layers} layers, hidden {v.hidden_size}, patch {v.patch_size}; feature layer "
+        f"{config.vision_feature_layer} ({config.vision_feature_select_strategy}); projector {config.projector_type}",
+        "context_length": t.max_position_embeddings,
+        "image_size": v.image_size,
+        "image_mode": config.image.mode,
+        "tokens_per_image": config.num_image_tokens,
+        "image_token_id": config.image_token_id,
+        "template": config.chat_template or default_template_for(path.resolve(), config.source_layout),
+        "eos_token_id": t.eos_token_id,
+    }

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from .chat import TEMPLATES
 from .config import BUNDLED_MODEL
+from .safetensors_io import DTYPES
 
-DTYPES = ("bfloat16", "float16", "float32")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 CHAT_HELP = """\
@@ -81,7 +81,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: keep tokens up to probability P")
     p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only")
     p.add_argument("--seed", type=int, metavar="S", help="seed for sampling (same seed, same answer)")
-    p.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: as stored; bfloat16 halves fp32 memory)")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="weights' dtype (default: as stored; bfloat16 halves fp32 memory)"
+    )
     p.add_argument(
         "--compile",
         action="store_true",
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--device", choices=DEVICES, default="cpu", help="where the model runs (default: cpu; auto: cuda, mps, cpu)"
     )
-    serve.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: as stored)")
+    serve.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype (default: as stored)")
     serve.add_argument(
         "--allow-remote-images",
         action="store_true",
@@ -170,12 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _dtype(name: str | None):
-    import torch
-
-    return None if name is None else getattr(torch, name)
-
-
 def _pipeline(args: argparse.Namespace):
     import torch
 
@@ -183,7 +179,7 @@ def _pipeline(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return Pipeline(_model_dir(args.model), dtype=_dtype(args.dtype), template=args.template, compile=args.compile)
+    return Pipeline(_model_dir(args.model), dtype=DTYPES.get(args.dtype), template=args.template, compile=args.compile)
 
 
 def _port(text: str) -> int:
@@ -316,7 +312,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=args.port,
             slots=args.slots,
             device=_device(args.device),
-            dtype=_dtype(args.dtype),
+            dtype=DTYPES.get(args.dtype),
             allow_remote_images=args.allow_remote_images,
         )
     except KeyboardInterrupt:
@@ -324,51 +320,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_checkpoint(path: Path) -> dict:
-    """What ``info`` prints, from ``config.json`` and the safetensors headers (no weights are read)."""
-    from safetensors import safe_open
-
-    from .chat import default_template_for
-    from .checkpoint import SAFETENSORS_DTYPES, safetensors_files
-    from .config import LlavaConfig
-
-    dtype_names = {code: str(dtype).removeprefix("torch.") for dtype, code in SAFETENSORS_DTYPES.items()}
-
-    config = LlavaConfig.load(path)
-    parts = {"vision": 0, "projector": 0, "llm": 0}
-    dtypes: dict[str, int] = {}
-    for file in safetensors_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                tensor = f.get_slice(name)
-                n = 1
-                for d in tensor.get_shape():
-                    n *= d
-                part = name.split(".", 1)[0]
-                parts[part] = parts.get(part, 0) + n
-                dtype = dtype_names.get(tensor.get_dtype(), tensor.get_dtype())
-                dtypes[dtype] = dtypes.get(dtype, 0) + n
-    t, v = config.text, config.vision
-    return {
-        "path": str(path),
-        "layout": config.source_layout or "minillava",
-        "parameters": {**parts, "total": sum(parts.values())},
-        "dtype": ", ".join(sorted(dtypes, key=dtypes.get, reverse=True)),
-        "decoder": f"{t.num_layers} layers, hidden {t.hidden_size}, {t.num_heads} heads ({t.num_kv_heads} kv), "
-        f"head_dim {t.head_dim}, mlp {t.intermediate_size}, vocabulary {t.vocab_size}",
-        "vision": f"CLIP {v.num_layers} layers, hidden {v.hidden_size}, patch {v.patch_size}; feature layer "
-        f"{config.vision_feature_layer} ({config.vision_feature_select_strategy}); projector {config.projector_type}",
-        "context_length": t.max_position_embeddings,
-        "image_size": v.image_size,
-        "image_mode": config.image.mode,
-        "tokens_per_image": config.num_image_tokens,
-        "image_token_id": config.image_token_id,
-        "template": config.chat_template or default_template_for(path.resolve(), config.source_layout),
-        "eos_token_id": t.eos_token_id,
-    }
-
-
 def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint import describe_checkpoint
+
     info = describe_checkpoint(_model_dir(args.model))
     if args.json:
         print(json.dumps(info, indent=2))

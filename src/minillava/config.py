@@ -190,10 +190,7 @@ class LlavaConfig:
         path = Path(directory) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no config.json; is {directory} a converted minillava checkpoint?")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        data = read_json(path)
         if data.get("format") != FORMAT_NAME:
             raise ValueError(
                 f"{path}: not a minillava config; convert the checkpoint first: python -m weights_convert SRC DST"
@@ -202,6 +199,20 @@ class LlavaConfig:
             return cls.from_dict(data)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: {err}") from None
+
+
+def read_json(path: str | os.PathLike, missing_ok: bool = False) -> dict[str, Any]:
+    """The JSON object in ``path`` (``{}`` for a missing file if ``missing_ok``); a ``ValueError`` names the file."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def projector_depth(projector_type: str) -> int:

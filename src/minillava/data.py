@@ -27,8 +27,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .labels import IGNORE_INDEX, TokenizationMismatch, supervised_segments, training_example
-from .tokenizer import IMAGE_MARKER
+from .image import check_image_count
+from .labels import TokenizationMismatch, supervised_segments, training_example
+from .model import IGNORE_INDEX
+from .tokenizer import IMAGE_MARKER, pad_batch
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MAX_LISTED = 10  # problems listed in one error message
@@ -107,8 +109,7 @@ def sample_messages(record: Any) -> tuple[list[dict[str, str]], list[str]]:
         for m in messages:
             if IMAGE_MARKER in m["content"]:
                 m["content"] = (IMAGE_MARKER + "\n" + m["content"].replace(IMAGE_MARKER, "").strip()).strip()
-    if markers != len(images):
-        raise ValueError(f"{len(images)} image(s) but {markers} {IMAGE_MARKER} marker(s) in the conversation")
+    check_image_count(markers, len(images), "the conversation: ")
     return messages, images
 
 
@@ -243,15 +244,11 @@ class Collator:
 
     def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         good = [item for item in items if item is not None]
-        length = max((len(item["input_ids"]) for item in good), default=0)
-        input_ids = torch.full((len(good), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(good), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(good), length), dtype=torch.long)
-        for row, item in enumerate(good):
-            n = len(item["input_ids"])
-            input_ids[row, :n] = item["input_ids"]
-            labels[row, :n] = item["labels"]
-            mask[row, :n] = 1
+        if good:
+            input_ids, mask = pad_batch([item["input_ids"] for item in good], self.pad_token_id, "right")
+            labels, _ = pad_batch([item["labels"] for item in good], IGNORE_INDEX, "right")
+        else:  # every sample of the batch was skipped
+            input_ids = labels = mask = torch.zeros((0, 0), dtype=torch.long)
         pixels = [item["pixel_values"] for item in good if item["pixel_values"] is not None]
         return {
             "input_ids": input_ids,

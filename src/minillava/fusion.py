@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .image import check_image_count
+
 
 def embed_with_images(
     embed_tokens: nn.Embedding,
@@ -19,15 +21,8 @@ def embed_with_images(
     vocabulary.
     """
     is_image = input_ids == image_token_id
-    n_placeholders = int(is_image.sum())
-    n_rows = 0 if image_rows is None else image_rows.shape[0] * image_rows.shape[1]
-    if n_placeholders != n_rows:
-        images = 0 if image_rows is None else image_rows.shape[0]
-        per_image = "" if image_rows is None else f" ({images} images x {image_rows.shape[1]} rows)"
-        raise ValueError(
-            f"input_ids hold {n_placeholders} image placeholders (id {image_token_id}) but the images give "
-            f"{n_rows} feature rows{per_image}; each image needs exactly its K placeholders"
-        )
+    images, per_image = (0, 1) if image_rows is None else image_rows.shape[:2]
+    check_image_count(int(is_image.sum()), images, per_image=per_image, placeholder_id=image_token_id)
     embeds = embed_tokens(input_ids.masked_fill(is_image, 0))
     if image_rows is None:
         return embeds

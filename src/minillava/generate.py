@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import KVCache
+from .image import check_image_count
 from .model import Llava
 
 StopHook = Callable[[torch.Tensor], Sequence[bool] | None]
@@ -198,14 +199,9 @@ def _check_inputs(
                 f"pixel_values must be [N, {want[0]}, {want[1]}, {want[2]}], got {list(pixel_values.shape)}"
             )
     config = model.config
-    k = config.num_image_tokens
     placeholders = int((input_ids == config.image_token_id).sum())
     images = 0 if pixel_values is None else pixel_values.shape[0]
-    if placeholders != images * k:
-        raise ValueError(
-            f"input_ids hold {placeholders} image placeholders (id {config.image_token_id}, {k} per image) but "
-            f"pixel_values holds {images} image(s), which need {images * k}"
-        )
+    check_image_count(placeholders, images, per_image=config.num_image_tokens, placeholder_id=config.image_token_id)
 
 
 def stream_generate(

@@ -25,8 +25,11 @@ import torch
 from PIL import Image
 
 from .config import ImageConfig
+from .tokenizer import IMAGE_MARKER
 
 ImageInput = str | os.PathLike | bytes | bytearray | Image.Image
+SINGLE_IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, Image.Image)
+"""What counts as one image (anything else that is a sequence is a list of images)."""
 
 DEFAULT_MAX_PIXELS = 89_478_485
 """About 90 megapixels: Pillow's own ``MAX_IMAGE_PIXELS``. Pass ``max_pixels`` to change it (``None``: no limit)."""
@@ -49,6 +52,37 @@ def describe(image: object) -> str:
     if isinstance(image, Image.Image):
         return f"<PIL.Image {image.mode} {image.width}x{image.height}>"
     return f"<{type(image).__name__}>"
+
+
+def image_list(images: ImageInput | Sequence[ImageInput] | None) -> list[ImageInput]:
+    """``None`` -> ``[]``, one image (path, bytes or PIL image) -> ``[image]``, a sequence of images -> a list."""
+    if images is None:
+        return []
+    if isinstance(images, SINGLE_IMAGE_TYPES) or not isinstance(images, Sequence):
+        return [images]
+    return list(images)
+
+
+def check_image_count(
+    found: int, images: int, where: str = "", per_image: int = 1, placeholder_id: int | None = None
+) -> None:
+    """Raise a ``ValueError`` naming both counts unless every image has its place: one ``<image>`` marker in the
+    text per image, or (with ``placeholder_id``) ``per_image`` placeholder ids in ``input_ids`` per image.
+
+    ``where`` starts the message (``"prompt 1: "``, ``"sample 'a': "``).
+    """
+    if found == images * per_image:
+        return
+    if placeholder_id is None:
+        raise ValueError(
+            f"{where}{found} {IMAGE_MARKER} marker(s) but {images} image(s); write one {IMAGE_MARKER} per image, "
+            "in the order of the images"
+        )
+    each = f" ({per_image} per image)" if images else ""
+    raise ValueError(
+        f"{where}input_ids hold {found} image placeholders (id {placeholder_id}) but {images} image(s) give "
+        f"{images * per_image} feature rows{each}; each image needs exactly as many placeholders as it gives rows"
+    )
 
 
 def _check_pixels(name: str, width: int, height: int, max_pixels: int | None, what: str) -> None:
@@ -159,11 +193,10 @@ def pixel_values(
 
 
 def preprocess(
-    images: Sequence[ImageInput], config: ImageConfig, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    images: ImageInput | Sequence[ImageInput], config: ImageConfig, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> torch.Tensor:
     """Load and preprocess images: a float32 ``[N, 3, crop_size, crop_size]`` tensor (``N`` may be 0)."""
-    if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):
-        images = [images]
+    images = image_list(images)
     out = []
     for i, image in enumerate(images):
         name = describe(image) if len(images) == 1 else f"image {i} ({describe(image)})"

@@ -21,14 +21,11 @@ import os
 from collections.abc import Mapping, Sequence
 
 import torch
-from PIL import Image
 
 from .chat import ChatTemplate, get_template
-from .image import ImageInput, load_image, pixel_values
+from .image import ImageInput, check_image_count, image_list, load_image, pixel_values
+from .model import IGNORE_INDEX
 from .tokenizer import IMAGE_MARKER
-
-IGNORE_INDEX = -100
-"""Label of a position that is not supervised (prompt, image placeholder, padding)."""
 
 
 class TokenizationMismatch(ValueError):
@@ -176,26 +173,16 @@ def training_example(
     """
     name = _name(sample_id)
     tpl = get_template(template or processor.template)
-    if images is None:
-        images = []
-    elif isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):
-        images = [images]
-    else:
-        images = list(images)
+    images = image_list(images)
     markers = sum(str(m.get("content", "")).count(IMAGE_MARKER) for m in messages if isinstance(m, Mapping))
-    if tpl.layout != "plain" and markers != len(images):
-        raise ValueError(
-            f"{name}: the conversation has {markers} {IMAGE_MARKER} marker(s) but {len(images)} image(s); "
-            f"write one {IMAGE_MARKER} per image"
-        )
+    if tpl.layout != "plain":
+        check_image_count(markers, len(images), f"{name}: ")
     try:
         segments = supervised_segments(messages, tpl)
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from None
-    if tpl.layout == "plain" and segments[0][0].count(IMAGE_MARKER) != len(images):
-        raise ValueError(
-            f"{name}: {segments[0][0].count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) but {len(images)} image(s)"
-        )
+    if tpl.layout == "plain":
+        check_image_count(segments[0][0].count(IMAGE_MARKER), len(images), f"{name}: ")
     ids, labels = encode_supervised(processor, segments, sample_id)
     n_images = len(images)
     if max_length is not None and len(ids) > max_length:

@@ -27,19 +27,10 @@ from .chat import ChatTemplate, get_template
 from .checkpoint import load
 from .config import BUNDLED_MODEL
 from .generate import GenerationConfig, resolve_eos, settings, stream_generate
-from .image import ImageInput, preprocess
+from .image import ImageInput, check_image_count, image_list, preprocess
 from .processor import load_processor
 from .textrow import TextRow
 from .tokenizer import IMAGE_MARKER
-
-
-def image_list(images: Sequence[ImageInput] | ImageInput | None) -> list[ImageInput]:
-    """``None`` -> ``[]``, one image (path, bytes or PIL image) -> ``[image]``, a sequence -> a list."""
-    if images is None:
-        return []
-    if isinstance(images, (str, os.PathLike, bytes, bytearray)) or not isinstance(images, Sequence):
-        return [images]
-    return list(images)
 
 
 def with_image_markers(text: str, n_images: int) -> str:
@@ -277,11 +268,8 @@ class Conversation:
         user = {"role": "user", "content": with_image_markers(prompt, len(new_pixels))}
         messages += self.messages + [user]
         text = pipe.template.format(messages)
-        if text.count(IMAGE_MARKER) != len(self.pixels) + len(new_pixels):
-            raise ValueError(
-                f"the message has {user['content'].count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) but "
-                f"{len(new_pixels)} image(s) were given"
-            )
+        # The earlier turns' markers have their images: what is left over belongs to this message.
+        check_image_count(text.count(IMAGE_MARKER) - len(self.pixels), len(new_pixels), "the message: ")
         ids = pipe.processor.encode(text)
         pixels = self.pixels + new_pixels
         prefix = self._reusable_prefix(ids)

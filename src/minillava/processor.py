@@ -14,15 +14,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from .chat import ChatTemplate, default_template_for, get_template
 from .checkpoint import load_config
 from .config import ImageConfig
-from .image import DEFAULT_MAX_PIXELS, ImageInput, preprocess
+from .image import DEFAULT_MAX_PIXELS, SINGLE_IMAGE_TYPES, ImageInput, check_image_count, image_list, preprocess
 from .tokenizer import IMAGE_MARKER, IncrementalDecoder, Tokenizer, pad_batch
-
-_SINGLE_IMAGE = (str, os.PathLike, bytes, bytearray, Image.Image)
 
 
 class Processor:
@@ -125,12 +122,7 @@ class Processor:
             where = f"prompt {i}: " if batched else ""
             if not isinstance(prompt, str):
                 raise ValueError(f"{where}a prompt must be a str, got {type(prompt).__name__}")
-            markers = prompt.count(IMAGE_MARKER)
-            if markers != len(imgs):
-                raise ValueError(
-                    f"{where}the prompt has {markers} {IMAGE_MARKER} marker(s) but {len(imgs)} image(s) were given; "
-                    f"write one {IMAGE_MARKER} per image, in the order of the images"
-                )
+            check_image_count(prompt.count(IMAGE_MARKER), len(imgs), where)
             try:
                 ids.append(self.encode(prompt))
             except ValueError as err:
@@ -145,10 +137,8 @@ class Processor:
         if images is None:
             return [[] for _ in texts]
         if not batched:
-            if isinstance(images, _SINGLE_IMAGE):
-                return [[images]]
-            return [list(images)]
-        if isinstance(images, _SINGLE_IMAGE) or not isinstance(images, Sequence):
+            return [image_list(images)]
+        if isinstance(images, SINGLE_IMAGE_TYPES) or not isinstance(images, Sequence):
             raise ValueError("for a batch of prompts pass images as a list with one list of images per prompt")
         if len(images) != len(texts):
             raise ValueError(
@@ -158,7 +148,7 @@ class Processor:
         for i, group in enumerate(images):
             if group is None:
                 groups.append([])
-            elif isinstance(group, _SINGLE_IMAGE):
+            elif isinstance(group, SINGLE_IMAGE_TYPES):
                 raise ValueError(f"images[{i}] must be a list of images for prompt {i}, got a single image")
             else:
                 groups.append(list(group))

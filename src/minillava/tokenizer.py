@@ -16,14 +16,13 @@ one BOS is kept at the start, and each marker becomes ``K`` placeholder ids.
 from __future__ import annotations
 
 import codecs
-import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+
+from .tokenizer_files import NO_DUMMY_PREFIX, AddedToken, add_dummy_prefix, read_tokenizer_dir
 
 IMAGE_MARKER = "<image>"
 """The string that marks where an image goes in a prompt."""
@@ -31,89 +30,6 @@ IMAGE_MARKER = "<image>"
 _SPIECE_UNDERLINE = "\u2581"  # "▁", sentencepiece's visible space
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _IDS_CACHE_SIZE = 4096  # distinct texts remembered by encode_text before the memo starts over (a few MB at most)
-
-
-@dataclass(frozen=True)
-class AddedToken:
-    """A token matched in raw text before sentencepiece runs (``added_tokens_decoder`` entries)."""
-
-    content: str
-    id: int
-    special: bool = True
-    lstrip: bool = False
-    rstrip: bool = False
-    single_word: bool = False
-
-
-# --- a few lines of protobuf wire format, so that reading and patching the model needs no protobuf package ---
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def _fields(buf: bytes) -> Iterable[tuple[int, int, object]]:
-    """Yield ``(field number, wire type, value)``; length-delimited values are bytes, others ints."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = int.from_bytes(buf[pos : pos + 8], "little"), pos + 8
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            value, pos = buf[pos : pos + size], pos + size
-        elif wire == 5:
-            value, pos = int.from_bytes(buf[pos : pos + 4], "little"), pos + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield number, wire, value
-
-
-def _add_dummy_prefix(model_proto: bytes) -> bool:
-    """``ModelProto.normalizer_spec.add_dummy_prefix`` (field 3 of field 3; proto default True, last one wins)."""
-    result = True
-    for number, wire, value in _fields(model_proto):
-        if number == 3 and wire == 2:
-            for inner, inner_wire, inner_value in _fields(value):
-                if inner == 3 and inner_wire == 0:
-                    result = bool(inner_value)
-    return result
-
-
-# Appending a second ``normalizer_spec`` holding only ``add_dummy_prefix: false`` merges into the first one
-# (protobuf merges repeated message fields, last scalar wins): the same edit transformers makes with
-# ``normalizer_spec.MergeFrom`` for non-legacy tokenizers.
-_NO_DUMMY_PREFIX = bytes([3 << 3 | 2, 2, 3 << 3 | 0, 0])
-
-
-def _token_content(value: object) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    raise ValueError(f"cannot read a token from {value!r}")
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
 
 
 class Tokenizer:
@@ -148,10 +64,10 @@ class Tokenizer:
             self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except (RuntimeError, OSError) as err:
             raise ValueError(f"{source}: not a sentencepiece model ({err})") from None
-        self._dummy_prefix = _add_dummy_prefix(model_proto)
+        self._dummy_prefix = add_dummy_prefix(model_proto)
         # Non-legacy encoding runs sentencepiece without the dummy prefix and adds "▁" itself where it belongs.
         self._sp_plain = (
-            self._sp if self.legacy else spm.SentencePieceProcessor(model_proto=model_proto + _NO_DUMMY_PREFIX)
+            self._sp if self.legacy else spm.SentencePieceProcessor(model_proto=model_proto + NO_DUMMY_PREFIX)
         )
         n = self._sp.get_piece_size()
 
@@ -215,57 +131,7 @@ class Tokenizer:
         ``added_tokens_decoder``) and, as transformers does for older checkpoints without ``added_tokens_decoder``,
         ``special_tokens_map.json`` and ``added_tokens.json``.
         """
-        path = Path(directory)
-        model = path / "tokenizer.model"
-        if not model.is_file():
-            raise FileNotFoundError(
-                f"{model}: no sentencepiece model; copy tokenizer.model from the original checkpoint into {path}"
-            )
-        config = _read_json(path / "tokenizer_config.json")
-        names = ("bos_token", "eos_token", "unk_token", "pad_token")
-        defaults = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None}
-        special = {name: _token_content(config[name]) for name in names if name in config}
-        additional = [_token_content(t) for t in config.get("additional_special_tokens") or []]
-        added: list[AddedToken] = []
-        if "added_tokens_decoder" in config:
-            for idx, entry in config["added_tokens_decoder"].items():
-                added.append(
-                    AddedToken(
-                        content=entry["content"],
-                        id=int(idx),
-                        special=bool(entry.get("special", False)),
-                        lstrip=bool(entry.get("lstrip", False)),
-                        rstrip=bool(entry.get("rstrip", False)),
-                        single_word=bool(entry.get("single_word", False)),
-                    )
-                )
-        else:
-            # Older checkpoints: special_tokens_map.json overrides the config (vicuna's pad_token null -> "<unk>").
-            special_map = _read_json(path / "special_tokens_map.json")
-            for name in names:
-                if name in special_map:
-                    special[name] = _token_content(special_map[name])
-            if "additional_special_tokens" in special_map:
-                additional = [_token_content(t) for t in special_map["additional_special_tokens"] or []]
-            marked = {t for t in (*special.values(), *additional) if t is not None}
-            for content, idx in _read_json(path / "added_tokens.json").items():
-                added.append(AddedToken(content=content, id=int(idx), special=content in marked))
-        for name, value in defaults.items():
-            if name not in special:  # a name in neither file: special_tokens_map.json, else the LLaMA default
-                special[name] = _token_content(_read_json(path / "special_tokens_map.json").get(name, value))
-        return cls(
-            model.read_bytes(),
-            legacy=config.get("legacy", True) is not False,  # transformers 4.37: a missing value means legacy
-            added_tokens=added,
-            bos_token=special["bos_token"],
-            eos_token=special["eos_token"],
-            unk_token=special["unk_token"],
-            pad_token=special["pad_token"],
-            additional_special_tokens=additional,
-            add_bos_token=config.get("add_bos_token", True),
-            add_eos_token=config.get("add_eos_token", False),
-            source=str(path),
-        )
+        return cls(**read_tokenizer_dir(directory))
 
     # --- ids of the special tokens ---
 
@@ -490,7 +356,7 @@ class IncrementalDecoder:
 
 
 def pad_batch(
-    sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str = "left"
+    sequences: Sequence[Sequence[int] | torch.Tensor], pad_id: int, padding_side: str = "left"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad id lists to one length: ``(input_ids, attention_mask)``, both int64 ``[B, L]``; the mask is 1 on real
     tokens. Left padding is what generation wants (the last column is every row's last token), right padding is
@@ -503,9 +369,9 @@ def pad_batch(
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        if not seq:
+        if len(seq) == 0:
             continue
         span = slice(length - len(seq), length) if padding_side == "left" else slice(0, len(seq))
-        input_ids[row, span] = torch.as_tensor(list(seq), dtype=torch.long)
+        input_ids[row, span] = torch.as_tensor(seq if isinstance(seq, torch.Tensor) else list(seq), dtype=torch.long)
         mask[row, span] = 1
     return input_ids, mask

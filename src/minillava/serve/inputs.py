@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import torch
 
 from ..generate import GenerationConfig
-from ..image import ImageDecodeError, ImageTooLargeError, load_image, pixel_values
+from ..image import ImageDecodeError, ImageTooLargeError, check_image_count, load_image, pixel_values
 from ..pipeline import Pipeline
 from ..textrow import TextRow
 from ..tokenizer import IMAGE_MARKER
@@ -47,14 +47,8 @@ def prepare(pipe: Pipeline, request: ChatRequest, max_len: int, allow_remote_ima
         text = pipe.template.format(request.messages)
     except ValueError as err:
         raise invalid("messages", str(err)) from None
-    markers = text.count(IMAGE_MARKER)
-    if markers != len(pixels):
-        raise invalid(
-            "messages",
-            f"the messages hold {markers} {IMAGE_MARKER} marker(s) but {len(pixels)} image(s); write one marker per "
-            "image part in the text (or none, to put the message's images before its text)",
-        )
     try:
+        check_image_count(text.count(IMAGE_MARKER), len(pixels), "the messages: ")
         ids = pipe.processor.encode(text)
     except ValueError as err:
         raise invalid("messages", str(err)) from None

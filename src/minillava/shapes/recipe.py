@@ -407,7 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--text-hidden", type=int, default=192)
     p.add_argument("--text-layers", type=int, default=4)
     p.add_argument(
-        "--train-vision", action="store_true", help="also train the tower in stage 2 (measured worse: see the README)"
+        "--train-vision",
+        action="store_true",
+        help="also train the tower in stage 2 (measured worse: see docs/bundled-model.md)",
     )
     # A fixed count: results are bit for bit only for the same thread count (and CPU). The bundled model was trained
     # on two, the cores of the machine it was made on.

@@ -32,6 +32,49 @@ IMAGE_TOKEN = "<image>"
 DEFAULT_VOCAB_SIZE = 640
 
 
+LLAMA_SENTENCEPIECE = dict(
+    model_type="bpe",
+    character_coverage=1.0,  # the training text is small: keep every character
+    byte_fallback=True,
+    split_digits=True,
+    split_by_unicode_script=True,
+    split_by_whitespace=True,
+    split_by_number=True,
+    treat_whitespace_as_suffix=False,
+    allow_whitespace_only_pieces=True,
+    max_sentencepiece_length=16,
+    add_dummy_prefix=True,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    hard_vocab_limit=True,
+    # Determinism: one thread, every sentence, in order, fixed seed.
+    num_threads=1,
+    input_sentence_size=0,
+    shuffle_input_sentence=False,
+    seed_sentencepiece_size=1000000,
+    minloglevel=2,
+)
+"""LLaMA's sentencepiece trainer options (BPE, byte fallback, split digits, dummy prefix, identity normalisation,
+``<unk>``/``<s>``/``</s>`` = 0/1/2, no pad piece), set for byte-identical output from the same text."""
+
+
+def train_sentencepiece(sentences: Iterable[str], vocab_size: int, **overrides) -> bytes:
+    """A serialized LLaMA-style sentencepiece model (:data:`LLAMA_SENTENCEPIECE`, then ``overrides``) trained on
+    ``sentences``; the same sentences give the same bytes."""
+    model = io.BytesIO()
+    # BPE training draws nothing random once shuffling is off; pin sentencepiece's seed regardless.
+    spm.set_random_generator_seed(0)
+    options = {**LLAMA_SENTENCEPIECE, **overrides}
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(sentences)), model_writer=model, vocab_size=vocab_size, **options
+    )
+    return model.getvalue()
+
+
 def vicuna_v1_text(conversations: list[dict[str, str]], system: str = VICUNA_V1_SYSTEM) -> str:
     """A LLaVA conversation in the vicuna_v1 template, as the model sees it (``</s>`` after each answer)."""
     text = system + " "
@@ -71,43 +114,11 @@ def train_tokenizer(
 ) -> Path:
     """Train on ``texts`` and write ``tokenizer.model``, ``tokenizer_config.json`` and
     ``special_tokens_map.json`` into ``out_dir``; returns the path of ``tokenizer.model``."""
-    model = io.BytesIO()
-    # BPE training draws nothing random once shuffling is off; pin sentencepiece's seed regardless.
-    spm.set_random_generator_seed(0)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(_sentences(texts))),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        character_coverage=1.0,  # the text is tiny and plain ASCII: keep every character
-        byte_fallback=True,
-        split_digits=True,
-        split_by_unicode_script=True,
-        split_by_whitespace=True,
-        split_by_number=True,
-        treat_whitespace_as_suffix=False,
-        allow_whitespace_only_pieces=True,
-        max_sentencepiece_length=16,
-        add_dummy_prefix=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        user_defined_symbols=[IMAGE_TOKEN],
-        hard_vocab_limit=True,
-        # Determinism: one thread, every sentence, in order, fixed seed.
-        num_threads=1,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        seed_sentencepiece_size=1000000,
-        minloglevel=2,
-    )
+    model = train_sentencepiece(_sentences(texts), vocab_size, user_defined_symbols=[IMAGE_TOKEN])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "tokenizer.model"
-    path.write_bytes(model.getvalue())
+    path.write_bytes(model)
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}
     config = {
         "tokenizer_class": "LlamaTokenizer",

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from minillava.chat import default_template_for
-from minillava.config import LlavaConfig, VisionConfig, projector_depth
-
-from .convert import ConversionError, Part, TensorMeta, read_json, read_meta, weight_files
-from .hf_llava import CARRIED_FILES, image_config_from_preprocessor, text_config_from_hf, vision_config_from_hf
+from ..chat import default_template_for
+from ..config import LlavaConfig, VisionConfig, projector_depth, read_json
+from ..safetensors_io import TensorMeta
+from .hf_llava import image_config_from_preprocessor, text_config_from_hf, vision_config_from_hf
 from .keymaps import CLIP_V4, CLIP_V5, original_keymap
+from .reading import ConversionError, Part, read_meta, weight_files
 
 TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
 # transformers' CLIPVisionConfig defaults: what a CLIP config.json that leaves a field out means.
@@ -244,6 +244,3 @@ class OriginalLlavaSource:
             if "model.embed_tokens.weight" in meta:
                 return meta["model.embed_tokens.weight"].dtype
         return None
-
-    def carried_files(self) -> list[Path]:
-        return [self.directory / name for name in CARRIED_FILES if (self.directory / name).is_file()]

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from minillava.config import CLIP_MEAN, CLIP_STD, ImageConfig, LlavaConfig, TextConfig, VisionConfig
-
-from .convert import Part, read_json, read_meta, weight_files
+from ..config import CLIP_MEAN, CLIP_STD, ImageConfig, LlavaConfig, TextConfig, VisionConfig, read_json
 from .keymaps import HF_V4, HF_V5, KeyMap
+from .reading import Part, read_meta, weight_files
 
 # transformers' defaults for fields a config.json may leave out (LlamaConfig, and LlavaConfig's CLIP-L/336).
 LLAMA_DEFAULTS = {
@@ -33,18 +32,6 @@ CLIP_DEFAULTS = {
     "layer_norm_eps": 1e-5,
     "hidden_act": "quick_gelu",
 }
-# Tokenizer, chat-template and generation files carried into the converted directory as they are (the JSON
-# tokenizer and chat template are not used by minillava, but an export back to llava-hf hands them on).
-CARRIED_FILES = (
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.json",
-    "chat_template.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 
 
 def rope_from_hf(text: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -181,6 +168,3 @@ class HfLlavaSource:
         metas = [(path, read_meta(path)) for path in self.files]
         keymap = self.keymap([key for _, meta in metas for key in meta])
         return [Part(path, keymap, meta) for path, meta in metas]
-
-    def carried_files(self) -> list[Path]:
-        return [self.directory / name for name in CARRIED_FILES if (self.directory / name).is_file()]
