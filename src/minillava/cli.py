@@ -82,12 +82,16 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only")
     p.add_argument("--seed", type=int, metavar="S", help="seed for sampling (same seed, same answer)")
     p.add_argument(
-        "--dtype", choices=sorted(DTYPES), help="weights' dtype (default: as stored; bfloat16 halves fp32 memory)"
-    )
-    p.add_argument(
         "--compile",
         action="store_true",
         help="decode through a torch.compile'd step: compiling takes a while once, then each token is faster",
+    )
+    _add_runtime_args(p)
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="weights' dtype (default: as stored; bfloat16 halves fp32 memory)"
     )
     p.add_argument(
         "--threads", type=_positive_int, metavar="N", help="torch intra-op threads (default: torch's, one per core)"
@@ -153,15 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--device", choices=DEVICES, default="cpu", help="where the model runs (default: cpu; auto: cuda, mps, cpu)"
     )
-    serve.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype (default: as stored)")
     serve.add_argument(
         "--allow-remote-images",
         action="store_true",
         help="fetch http(s) image URLs (off by default: images come inline as data: URLs; local files never)",
     )
-    serve.add_argument(
-        "--threads", type=_positive_int, metavar="N", help="torch intra-op threads (default: torch's, one per core)"
-    )
+    _add_runtime_args(serve)
 
     sub.add_parser(
         "train",
