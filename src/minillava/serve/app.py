@@ -88,7 +88,10 @@ def create_app(pipe: Pipeline, scheduler: Scheduler, model_name: str, allow_remo
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         job = Job(inputs.ids, inputs.pixel_values, inputs.config, inputs.text, emit)
-        scheduler.submit(job)
+        try:
+            scheduler.submit(job)
+        except RuntimeError:
+            raise APIError(503, "the server is shutting down") from None
         ident, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         if parsed.stream:
             stream = _sse(job, events, ident, now, model_name, parsed.include_usage)
