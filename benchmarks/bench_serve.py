@@ -15,7 +15,8 @@ in a burst of N, and the last of a burst waits for N prefills, since each reques
 measures that case.)
 
 - tok/s: completion tokens of all clients over the wall time of the run (median of the repeats);
-- TTFT p50 / p95: over every request of every repeat;
+- TTFT p50 / p95: over every request of every repeat, and p95 over the requests after each client's first (the
+  first ones arrive while the clients are still starting);
 - the targets: 16 clients batched >= 4x the tokens/s of one-at-a-time serving, and their p95 TTFT < 2x the
   single-client figure (both on the batching server).
 
@@ -144,8 +145,9 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[
 async def run_clients(
     url: str, clients: int, setting: Setting, bodies: list[dict], spread: float
 ) -> tuple[float, list[float]]:
-    """(tokens/s over the run, every request's TTFT); client ``i`` starts ``i / clients * spread`` seconds in."""
-    ttfts: list[float] = []
+    """(tokens/s over the run, every request's (TTFT, whether it was its client's first)); client ``i`` starts
+    ``i / clients * spread`` seconds in."""
+    ttfts: list[tuple[float, bool]] = []
     total = 0
 
     async def client_loop(index: int, client: httpx.AsyncClient) -> None:
@@ -153,7 +155,7 @@ async def run_clients(
         await asyncio.sleep(0 if setting.burst else index / clients * spread)
         for r in range(setting.requests):
             ttft, tokens = await one_request(client, url, bodies[index * setting.requests + r])
-            ttfts.append(ttft)
+            ttfts.append((ttft, r == 0))
             total += tokens
 
     async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=clients + 4)) as client:
@@ -197,6 +199,8 @@ def bench_shape(name: str, model: Path, args, logdir: Path) -> list[dict]:
                     results[mode][0].append(rate)
                     results[mode][1].extend(ttfts)
             for mode, (rates, ttfts) in results.items():
+                every = [t for t, _ in ttfts]
+                later = [t for t, first in ttfts if not first] or every
                 rows.append(
                     dict(
                         shape=name,
@@ -204,21 +208,26 @@ def bench_shape(name: str, model: Path, args, logdir: Path) -> list[dict]:
                         clients=clients,
                         requests=len(ttfts),
                         tok_s=statistics.median(rates),
-                        p50=percentile(ttfts, 50),
-                        p95=percentile(ttfts, 95),
+                        p50=percentile(every, 50),
+                        p95=percentile(every, 95),
+                        p95_later=percentile(later, 95),
                     )
                 )
     return rows
 
 
 def report(rows: list[dict], slots: int) -> None:
-    print("| shape | serving | clients | requests | tok/s | vs one-at-a-time | TTFT p50 ms | TTFT p95 ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| shape | serving | clients | requests | tok/s | vs one-at-a-time | TTFT p50 ms | TTFT p95 ms "
+        "| p95 after each client's first ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         single = next(s for s in rows if s["shape"] == r["shape"] and s["clients"] == r["clients"])
         print(
             f"| {r['shape']} | {r['mode']} | {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | "
-            f"{r['tok_s'] / single['tok_s']:.2f}x | {r['p50'] * 1e3:.0f} | {r['p95'] * 1e3:.0f} |"
+            f"{r['tok_s'] / single['tok_s']:.2f}x | {r['p50'] * 1e3:.0f} | {r['p95'] * 1e3:.0f} | "
+            f"{r['p95_later'] * 1e3:.0f} |"
         )
     for shape in dict.fromkeys(r["shape"] for r in rows):
         mine = [r for r in rows if r["shape"] == shape]
@@ -227,9 +236,11 @@ def report(rows: list[dict], slots: int) -> None:
         most, one = max(batched), min(batched)
         speedup = batched[most]["tok_s"] / single[most]["tok_s"]
         ttft = batched[most]["p95"] / batched[one]["p95"]
+        later = batched[most]["p95_later"] / batched[one]["p95"]
         print(
             f"\n{shape}: {most} clients batched get {speedup:.2f}x the tokens/s of one-at-a-time serving"
-            f" (target >= 4x); their p95 TTFT is {ttft:.2f}x the {one}-client figure (target < 2x)"
+            f" (target >= 4x); their p95 TTFT is {ttft:.2f}x the {one}-client figure (target < 2x), {later:.2f}x"
+            " after each client's first request"
         )
 
 
