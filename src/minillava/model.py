@@ -234,7 +234,7 @@ class Llava(nn.Module):
         is marked real and written; advancing the host count :attr:`KVCache.filled` is the caller's job (outside
         the compiled function).
         """
-        cache.mask.index_fill_(1, input_pos, True)
+        cache.mask[:, input_pos] = True
         positions = cache.mask.sum(dim=-1, keepdim=True) - 1  # this row's real tokens before this one
         slots = torch.arange(cache.max_len, device=input_pos.device)
         mask = (cache.mask & (slots <= input_pos))[:, None, None, :]
