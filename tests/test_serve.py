@@ -5,6 +5,7 @@ on serving."""
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import json
 import struct
@@ -300,3 +301,31 @@ def test_a_failure_inside_the_model_fails_that_request_alone(pipe):
     assert served.status_code == 200 and served.json()["choices"][0]["message"]["content"] == solo(
         pipe, image, question
     )
+
+
+def test_remote_images_are_fetched_only_when_allowed(pipe):
+    """``--allow-remote-images``: an http URL served on loopback gives the same pixels as the file itself."""
+    import http.server
+    import threading
+
+    from minillava.serve.inputs import prepare
+    from minillava.serve.protocol import APIError, parse_chat_request
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(IMAGES[0].parent))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        request = parse_chat_request(json.dumps(with_image(f"{base}/{IMAGES[0].name}")).encode())
+        with pytest.raises(APIError, match="does not fetch remote images"):
+            prepare(pipe, request, 512)
+        fetched = prepare(pipe, request, 512, allow_remote_images=True)
+        expected = pipe.processor("<image>", images=[IMAGES[0]])["pixel_values"]
+        assert torch.equal(fetched.pixel_values, expected)
+        missing = parse_chat_request(json.dumps(with_image(f"{base}/nothing.png")).encode())
+        with pytest.raises(APIError, match="could not fetch") as err:
+            prepare(pipe, missing, 512, allow_remote_images=True)
+        assert err.value.status == 400 and err.value.code == "image_fetch_failed"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
