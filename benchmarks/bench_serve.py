@@ -22,8 +22,8 @@ measures that case.)
 
 Shapes: ``bundled`` is the shipped shapes model; ``7b-slice`` is CLIP ViT-L/14-336 with two LLaMA-7B-sized decoder
 layers and llava-hf's vocabulary (random weights, built with transformers and converted as in
-``bench_generate.py``; the bundled tokenizer is copied beside them). A benchmark, never a test: the figures depend
-on the machine and on whatever else runs on it (the load average is printed before and after).
+``bench_generate.py``, with the bundled tokenizer beside them and its ``<image>`` id). A benchmark, never a test:
+the figures depend on the machine and on whatever else runs on it (the load average is printed before and after).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -71,7 +72,9 @@ def build_7b_slice(workdir: Path) -> Path:
     """The 7b-slice weights of bench_generate.py, converted, with the bundled tokenizer beside them."""
     from bench_generate import SHAPES, build_reference
 
-    hf, path = build_reference(SHAPES["7b-slice-fp32"], workdir)
+    # The image placeholder is the bundled tokenizer's <image> piece, so that config and tokenizer agree.
+    shape = dataclasses.replace(SHAPES["7b-slice-fp32"], image_token_id=3)
+    hf, path = build_reference(shape, workdir)
     del hf
     for name in TOKENIZER_FILES:
         shutil.copy(BUNDLED_MODEL / name, path / name)
