@@ -196,7 +196,7 @@ def original_state(model, tower_inside: bool = False) -> tuple[dict[str, torch.T
         value = value.detach().clone()
         if key.startswith("model.language_model."):
             llava["model." + key[len("model.language_model.") :]] = value
-        elif key == "lm_head.weight":
+        elif key in ("lm_head.weight", "model.image_newline"):  # the newline: LLaVA-1.6 (LlavaNext) models
             llava[key] = value
         elif key.startswith("model.multi_modal_projector."):
             rest = key[len("model.multi_modal_projector.") :]

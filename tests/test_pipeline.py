@@ -97,7 +97,7 @@ def test_second_turn_reuses_the_cache(pipe, images, monkeypatch):
     assert conv.last_prefill > pipe.processor.num_image_tokens
     encoded = []
     encode = pipe.model.encode_images
-    monkeypatch.setattr(pipe.model, "encode_images", lambda px: encoded.append(len(px)) or encode(px))
+    monkeypatch.setattr(pipe.model, "encode_images", lambda px, *sizes: encoded.append(len(px)) or encode(px, *sizes))
     second = conv.chat("And what color is it?", max_new_tokens=16)
     assert encoded == []  # the image is not encoded again
     first_prompt = len(pipe.processor.encode(pipe.template.format(conv.messages[:1])))

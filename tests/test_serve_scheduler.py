@@ -144,3 +144,32 @@ def test_a_failure_inside_the_model_fails_that_request_alone(pipe):
     assert running_answer.text == pipe.chat(QUESTIONS[0][1], images=[QUESTIONS[0][0]])
     assert after_answer.text == pipe.chat(QUESTIONS[1][1], images=[QUESTIONS[1][0]])
     assert scheduler.stats()["failed"] == 1 and scheduler.stats()["finished"] == 2
+
+
+def test_llava_1_6_images_of_different_sizes_get_their_solo_answers(tmp_path):
+    """Tiles and image sizes through the server's own request path: each image expands to its own count."""
+    import json
+
+    from minillava.serve.inputs import prepare
+    from minillava.serve.protocol import parse_chat_request
+    from tests.next_reference import make_next_checkpoint, random_image
+    from tests.serve_fixtures import image_message
+
+    pipe = Pipeline(make_next_checkpoint(tmp_path / "model", seed=3))
+    images = []
+    for i, size in enumerate([(30, 50), (90, 90)]):
+        images.append(tmp_path / f"{i}.png")
+        random_image(*size, seed=i).save(images[-1])
+    scheduler = Scheduler(pipe.model, slots=2)
+    jobs = []
+    for image in images:
+        body = {"messages": [image_message("What is it?", image)], "max_tokens": 8}
+        inputs = prepare(pipe, parse_chat_request(json.dumps(body).encode()), scheduler.max_len)
+        answer = Answer()
+        jobs.append(
+            (Job(inputs.ids, inputs.pixel_values, inputs.config, inputs.text, answer, inputs.image_sizes), answer)
+        )
+    run_until_idle(scheduler, {0: [jobs[0][0]], 2: [jobs[1][0]]})
+    for image, (_, answer) in zip(images, jobs, strict=True):
+        assert isinstance(answer.end, Finished)
+        assert answer.text == pipe.chat("What is it?", images=[image], max_new_tokens=8)

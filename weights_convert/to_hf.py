@@ -6,9 +6,15 @@ The weights get the transformers 4.x hub names (``language_model.model.*``, ``la
 top of ``text_config`` (the 4.x form, which 5.x also reads). Tensors are copied byte for byte, so converting a
 llava-hf checkpoint and exporting it again gives back the same tensors.
 
-Two things llava-hf cannot express are refused: a projector other than ``mlp2x_gelu``, and a placeholder id
-outside the vocabulary (what original-LLaVA conversions use). transformers looks the placeholder id up in the
-embedding before overwriting it, so it needs a row; ``pad_vocab`` appends rows as llava-hf's own conversion did.
+A LLaVA-1.6 checkpoint becomes ``LlavaNextForConditionalGeneration`` (``llava_next``, its pinpoints as
+``(height, width)`` in the recorded order, ``image_newline``). transformers always rounds in unpad and never cuts the
+sequence, so a checkpoint converted from original LLaVA keeps its tie-break but follows transformers' other two rules
+once exported (they differ on 32 of the 1.21 M sizes up to 1100 x 1100; ``docs/llava-next.md``).
+
+Things llava-hf cannot express are refused: a projector other than ``mlp2x_gelu``, LLaVA-1.6's ``flat`` merge, and
+a placeholder id outside the vocabulary (what original-LLaVA conversions use). transformers looks the placeholder id
+up in the embedding before overwriting it, so it needs a row; ``pad_vocab`` appends rows as llava-hf's own
+conversion did.
 """
 
 from __future__ import annotations
@@ -73,8 +79,13 @@ def hf_config_dict(config: LlavaConfig, vocab_size: int, dtype: torch.dtype) -> 
             f"projector {config.projector_type!r}: llava-hf's projector is two Linears with GELU between "
             "(mlp2x_gelu) and cannot express this one; keep the checkpoint in the minillava layout"
         )
+    if config.anyres is not None and config.anyres.merge != "spatial_unpad":
+        raise ConversionError(
+            f"LLaVA-1.6 merge {config.anyres.merge!r}: transformers' LlavaNext only implements spatial_unpad; keep the "
+            "checkpoint in the minillava layout"
+        )
     text = {
-        "model_type": "llama",
+        "model_type": t.model_type,
         "vocab_size": vocab_size,
         "hidden_size": t.hidden_size,
         "intermediate_size": t.intermediate_size,
@@ -95,9 +106,15 @@ def hf_config_dict(config: LlavaConfig, vocab_size: int, dtype: torch.dtype) -> 
         "pad_token_id": t.pad_token_id,
         "torch_dtype": dtype_name(dtype),
     }
+    if t.model_type == "mistral":
+        text["sliding_window"] = None  # MistralConfig's default is 4096
+    next_fields = {}
+    if config.anyres is not None:
+        next_fields = {"image_grid_pinpoints": [list(p) for p in config.anyres.grid_pinpoints]}
     return {
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
+        "architectures": ["LlavaNextForConditionalGeneration" if next_fields else "LlavaForConditionalGeneration"],
+        "model_type": "llava_next" if next_fields else "llava",
+        **next_fields,
         "image_token_index": config.image_token_id,
         "projector_hidden_act": "gelu",
         "multimodal_projector_bias": config.projector_bias,
@@ -130,10 +147,18 @@ def clip_vision_dict(v: VisionConfig) -> dict[str, Any]:
 def preprocessor_dict(config: LlavaConfig) -> dict[str, Any]:
     """The image processor settings; ``pad`` mode needs ``LlavaImageProcessor(do_pad=True)`` (transformers >= 4.51)."""
     image = config.image
+    kind = "LlavaImageProcessor" if image.mode == "pad" else "CLIPImageProcessor"
+    extra: dict[str, Any] = {}
+    if config.anyres is not None:  # LlavaNext's do_pad pads the tile axis to the batch's most tiles
+        kind, extra = (
+            "LlavaNextImageProcessor",
+            {"image_grid_pinpoints": [list(p) for p in config.anyres.grid_pinpoints]},
+        )
     return {
-        "image_processor_type": "LlavaImageProcessor" if image.mode == "pad" else "CLIPImageProcessor",
-        "processor_class": "LlavaProcessor",
-        "do_pad": image.mode == "pad",
+        "image_processor_type": kind,
+        "processor_class": processor_class(config),
+        **extra,
+        "do_pad": image.mode == "pad" or config.anyres is not None,
         "do_convert_rgb": True,
         "do_resize": True,
         "size": {"shortest_edge": image.shortest_edge},
@@ -148,10 +173,14 @@ def preprocessor_dict(config: LlavaConfig) -> dict[str, Any]:
     }
 
 
+def processor_class(config: LlavaConfig) -> str:
+    return "LlavaProcessor" if config.anyres is None else "LlavaNextProcessor"
+
+
 def processor_dict(config: LlavaConfig) -> dict[str, Any]:
     # The processor expands <image> to (image_size / patch)^2 + 1 - (1 if strategy is "default") placeholders.
     return {
-        "processor_class": "LlavaProcessor",
+        "processor_class": processor_class(config),
         "image_token": IMAGE_TOKEN,
         "patch_size": config.vision.patch_size,
         "vision_feature_select_strategy": config.vision_feature_select_strategy,

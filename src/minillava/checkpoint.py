@@ -9,6 +9,7 @@ half-loaded. Writing goes to a temporary directory that is renamed at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Iterable
@@ -142,6 +143,7 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
         "image_mode": config.image.mode,
         "tokens_per_image": config.num_image_tokens,
         "image_token_id": config.image_token_id,
+        "anyres": None if config.anyres is None else dataclasses.asdict(config.anyres),
         "template": config.chat_template or default_template_for(path.resolve(), config.source_layout),
         "eos_token_id": t.eos_token_id,
     }

@@ -341,8 +341,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         (
             "image",
             f"{info['image_size']}x{info['image_size']} px ({info['image_mode']}), "
-            f"{info['tokens_per_image']} tokens per image (id {info['image_token_id']})",
+            f"{info['tokens_per_image']} tokens per {'tile' if info['anyres'] else 'image'} "
+            f"(id {info['image_token_id']})",
         ),
+        *_anyres_rows(info["anyres"]),
         ("template", info["template"]),
         ("eos id", str(info["eos_token_id"])),
     ]
@@ -350,6 +352,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _anyres_rows(anyres: dict | None) -> list[tuple[str, str]]:
+    if anyres is None:
+        return []
+    canvases = ", ".join(f"{h}x{w}" for h, w in anyres["grid_pinpoints"])
+    cap = anyres["max_sequence_length"]
+    return [
+        ("tiles", f"LLaVA-1.6 anyres: canvases (height x width) {canvases}; merge {anyres['merge']}"),
+        ("rules", f"unpad rounding {anyres['unpad_rounding']}; sequence cap {cap if cap else 'none'}"),
+    ]
 
 
 def _one_line(err: BaseException) -> str:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .anyres import MERGE_TYPES, UNPAD_ROUNDINGS, check_pinpoints, num_features
+
 FORMAT_NAME = "minillava"
 FORMAT_VERSION = 1
 
@@ -52,7 +54,11 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """LLaMA decoder shape. ``rms_norm_eps`` has no default on purpose (LLaVA uses 1e-5, LLaMA 1e-6)."""
+    """LLaMA decoder shape. ``rms_norm_eps`` has no default on purpose (LLaVA uses 1e-5, LLaMA 1e-6).
+
+    ``model_type`` records what the source called it: Mistral without a sliding window is LLaMA's math, so it
+    only decides the name an export writes.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -72,8 +78,11 @@ class TextConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
+    model_type: str = "llama"
 
     def __post_init__(self) -> None:
+        if self.model_type not in ("llama", "mistral"):
+            raise ValueError(f"text model_type must be 'llama' or 'mistral', got {self.model_type!r}")
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.head_dim is None:
@@ -94,9 +103,55 @@ class TextConfig:
             raise ValueError(f"unsupported decoder activation {self.hidden_act!r}; only 'silu' is implemented")
 
 
+IMAGE_MODES = ("crop", "pad", "anyres")
+
+
+@dataclass
+class AnyresConfig:
+    """LLaVA-1.6 ("anyres") settings: the canvases images are tiled into and how tile features are merged.
+
+    The two references disagree on two rules and a limit (``docs/llava-next.md``); a converted checkpoint records
+    the ones of the code it came from:
+
+    Attributes:
+        grid_pinpoints: the canvases, ``(height, width)`` in pixels, multiples of the tile size, in the order they
+            are tried: the first of equally good canvases wins, so the order is the tie-break. Original LLaVA lists
+            ``(width, height)`` pairs; the converter swaps each pair and keeps the order.
+        merge: ``spatial_unpad`` (base tile, then the unpadded tile map with a newline row end; every released
+            LLaVA-1.6) or ``flat`` (every tile's rows in a row).
+        unpad_rounding: ``round`` (transformers: ``int(round(x, 7))``) or ``truncate`` (original LLaVA:
+            ``int(x)``), how the image's extent on the feature map is counted.
+        max_sequence_length: original LLaVA cuts the sequence with its image rows spliced in to this length
+            (``tokenizer_model_max_length``) and silently drops the rest; minillava refuses such prompts instead.
+            ``None`` (transformers): no limit but the context window.
+    """
+
+    grid_pinpoints: tuple[tuple[int, int], ...]
+    merge: str = "spatial_unpad"
+    unpad_rounding: str = "round"
+    max_sequence_length: int | None = None
+
+    def __post_init__(self) -> None:
+        self.grid_pinpoints = check_pinpoints(self.grid_pinpoints, 1)
+        if self.merge not in MERGE_TYPES:
+            raise ValueError(f"anyres merge must be one of {', '.join(MERGE_TYPES)}, got {self.merge!r}")
+        if self.unpad_rounding not in UNPAD_ROUNDINGS:
+            raise ValueError(
+                f"anyres unpad_rounding must be one of {', '.join(UNPAD_ROUNDINGS)}, got {self.unpad_rounding!r}"
+            )
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
+            raise ValueError(f"anyres max_sequence_length must be positive or null, got {self.max_sequence_length}")
+
+    @property
+    def newline(self) -> bool:
+        """Whether the model has an ``image_newline`` vector."""
+        return self.merge == "spatial_unpad"
+
+
 @dataclass
 class ImageConfig:
-    """How images become ``pixel_values``: ``crop`` (llava-hf, CLIP default) or ``pad`` (original LLaVA)."""
+    """How images become ``pixel_values``: ``crop`` (llava-hf, CLIP default), ``pad`` (original LLaVA-1.5) or
+    ``anyres`` (LLaVA-1.6 tiles; needs the model's :class:`AnyresConfig`)."""
 
     mode: str = "crop"
     shortest_edge: int = 336
@@ -107,8 +162,8 @@ class ImageConfig:
     rescale_factor: float = 1 / 255
 
     def __post_init__(self) -> None:
-        if self.mode not in ("crop", "pad"):
-            raise ValueError(f"image mode must be 'crop' or 'pad', got {self.mode!r}")
+        if self.mode not in IMAGE_MODES:
+            raise ValueError(f"image mode must be one of {', '.join(IMAGE_MODES)}, got {self.mode!r}")
         self.mean = tuple(float(x) for x in self.mean)
         self.std = tuple(float(x) for x in self.std)
 
@@ -128,6 +183,7 @@ class LlavaConfig:
     chat_template: str | None = None
     generation: dict[str, Any] = field(default_factory=dict)
     source_layout: str | None = None
+    anyres: AnyresConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -136,6 +192,8 @@ class LlavaConfig:
             self.text = TextConfig(**self.text)
         if isinstance(self.image, dict):
             self.image = ImageConfig(**self.image)
+        if isinstance(self.anyres, dict):
+            self.anyres = AnyresConfig(**self.anyres)
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(
                 "vision_feature_select_strategy must be 'default' or 'full', "
@@ -152,6 +210,24 @@ class LlavaConfig:
                     f"{self.vision.num_layers} layers ({self.vision.num_layers + 1} hidden states)"
                 )
         projector_depth(self.projector_type)  # validates the name
+        self._check_anyres()
+
+    def _check_anyres(self) -> None:
+        if self.anyres is None:
+            if self.image.mode == "anyres":
+                raise ValueError("image mode 'anyres' needs the anyres settings (grid_pinpoints) of a LLaVA-1.6 model")
+            return
+        tile = self.vision.image_size
+        check_pinpoints(self.anyres.grid_pinpoints, tile, "anyres grid_pinpoints")
+        if self.image.mode == "anyres" and self.image.crop_size != tile:
+            raise ValueError(
+                f"anyres tiles are {self.image.crop_size} px (image crop_size) but the vision tower takes {tile} px"
+            )
+        if self.anyres.merge == "spatial_unpad" and self.vision_feature_select_strategy != "default":
+            raise ValueError(
+                "the spatial_unpad merge lays each tile's patch rows out as a square map, so the class-token row "
+                "must be dropped (vision_feature_select_strategy 'default')"
+            )
 
     @property
     def feature_layers(self) -> list[int]:
@@ -161,8 +237,24 @@ class LlavaConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        """``K``: the rows the projector emits per image, i.e. placeholders per image in ``input_ids``."""
+        """``K``: the rows the projector emits per image, i.e. placeholders per image in ``input_ids``. For an
+        anyres image, per tile: :meth:`anyres_token_count` gives the image's whole count."""
         return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+
+    def anyres_token_count(self, height: int, width: int) -> int:
+        """The rows an anyres-tiled image of ``height`` x ``width`` pixels becomes (LLaVA-1.6 models only)."""
+        if self.anyres is None:
+            raise ValueError("not a LLaVA-1.6 (anyres) model: it has no grid_pinpoints")
+        return num_features(
+            height,
+            width,
+            pinpoints=self.anyres.grid_pinpoints,
+            tile=self.vision.image_size,
+            side=self.vision.image_size // self.vision.patch_size,
+            rows_per_tile=self.num_image_tokens,
+            merge=self.anyres.merge,
+            rounding=self.anyres.unpad_rounding,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}

@@ -27,7 +27,7 @@ from .chat import ChatTemplate, get_template
 from .checkpoint import load
 from .config import BUNDLED_MODEL
 from .generate import GenerationConfig, resolve_eos, settings, stream_generate
-from .image import ImageInput, check_image_count, image_list, preprocess
+from .image import ImageInput, check_image_count, image_list, pad_tiles
 from .processor import load_processor
 from .textrow import TextRow
 from .tokenizer import IMAGE_MARKER
@@ -128,7 +128,8 @@ class Pipeline:
         batch = self.processor(texts, images=groups, padding_side="left")
         gen = self.generation_settings(config, overrides, batch["input_ids"].shape[1])
         rows = self.text_rows(len(texts), gen)
-        steps = self._steps(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], rows, gen)
+        inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        steps = self._steps(*inputs, rows, gen, image_sizes=batch.get("image_sizes"))
         for _ in steps:
             pass
         for row in rows:
@@ -193,6 +194,7 @@ class Pipeline:
         rows: list[TextRow],
         gen: GenerationConfig,
         cache: KVCache | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> Iterator[torch.Tensor]:
         """Run generation, feeding each step's tokens to ``rows`` (which decide stop strings)."""
 
@@ -208,6 +210,7 @@ class Pipeline:
             cache=cache,
             compile=self.compile,
             should_stop=should_stop,
+            image_sizes=image_sizes,
         )
 
 
@@ -233,6 +236,7 @@ class Conversation:
         """Forget every turn (the system prompt stays)."""
         self.messages: list[dict[str, str]] = []
         self.pixels: list[torch.Tensor] = []  # preprocessed images, in placeholder order
+        self.image_sizes: list[torch.Tensor] = []  # (height, width) of each image, with LLaVA-1.6 tiling
         self.cache: KVCache | None = None
         self._cached: list[int] = []  # the ids whose keys/values the cache holds, slot by slot
         self.last_prefill = 0  # tokens the last turn prefilled (for tests and benchmarks)
@@ -263,19 +267,33 @@ class Conversation:
         """
         pipe = self.pipe
         images = image_list(images)
-        new_pixels = list(preprocess(images, pipe.processor.image_config, pipe.processor.max_pixels))
+        new_pixels, new_sizes = [], []
+        if images:
+            pixels, sizes, _ = pipe.processor.images(images)
+            new_pixels = list(pixels)
+            new_sizes = list(sizes) if sizes is not None else []
         messages = [] if self.system is None else [{"role": "system", "content": self.system}]
         user = {"role": "user", "content": with_image_markers(prompt, len(new_pixels))}
         messages += self.messages + [user]
         text = pipe.template.format(messages)
         # The earlier turns' markers have their images: what is left over belongs to this message.
         check_image_count(text.count(IMAGE_MARKER) - len(self.pixels), len(new_pixels), "the message: ")
-        ids = pipe.processor.encode(text)
-        pixels = self.pixels + new_pixels
+        pixels, sizes = self.pixels + new_pixels, self.image_sizes + new_sizes
+        anyres = pipe.processor.image_config.mode == "anyres"
+        k = pipe.processor.num_image_tokens
+        counts = [pipe.processor.image_tokens(*size.tolist()) for size in sizes] if anyres else [k] * len(pixels)
+        ids = pipe.processor.encode(text, counts)
         prefix = self._reusable_prefix(ids)
-        k, image_id = pipe.processor.num_image_tokens, pipe.processor.image_token_id
-        n_new_images = sum(1 for i in ids[prefix:] if i == image_id) // k
-        suffix_pixels = torch.stack(pixels[len(pixels) - n_new_images :]) if n_new_images else None
+        # The images whose placeholders lie after the reused prefix (it never ends inside an image).
+        left, n_new_images = sum(1 for i in ids[prefix:] if i == pipe.processor.image_token_id), 0
+        while left > 0:
+            n_new_images += 1
+            left -= counts[-n_new_images]
+        suffix_pixels = suffix_sizes = None
+        if n_new_images and anyres:
+            suffix_pixels, suffix_sizes = pad_tiles(pixels[-n_new_images:]), torch.stack(sizes[-n_new_images:])
+        elif n_new_images:
+            suffix_pixels = torch.stack(pixels[-n_new_images:])
         gen = pipe.generation_settings(config, overrides, len(ids))
         if self.cache is None:
             self.cache = pipe.model.new_cache(1, len(ids) + gen.max_new_tokens)
@@ -283,12 +301,13 @@ class Conversation:
         self._cached = ids[:prefix]
         rows = pipe.text_rows(1, gen)
         # Checks arguments and sizes the cache now, so that errors surface here rather than at the first piece.
-        steps = pipe._steps(torch.tensor([ids[prefix:]]), suffix_pixels, None, rows, gen, cache=self.cache)
+        suffix = torch.tensor([ids[prefix:]])
+        steps = pipe._steps(suffix, suffix_pixels, None, rows, gen, cache=self.cache, image_sizes=suffix_sizes)
         self.last_prefill = len(ids) - prefix
-        return self._turn(steps, rows[0], ids, user, new_pixels)
+        return self._turn(steps, rows[0], ids, user, (new_pixels, new_sizes))
 
     def _turn(
-        self, steps: Iterator[torch.Tensor], row: TextRow, ids: list[int], user: dict, new_pixels: list
+        self, steps: Iterator[torch.Tensor], row: TextRow, ids: list[int], user: dict, new_images: tuple[list, list]
     ) -> Iterator[str]:
         answer_ids: list[int] = []
         answer: list[str] = []
@@ -312,7 +331,8 @@ class Conversation:
             text = "".join(answer).strip()
             if text:
                 self.messages += [user, {"role": "assistant", "content": text}]
-                self.pixels += new_pixels
+                self.pixels += new_images[0]
+                self.image_sizes += new_images[1]
 
     def _reusable_prefix(self, ids: list[int]) -> int:
         """How many leading ``ids`` the KV cache already holds for this conversation (never all of them: the

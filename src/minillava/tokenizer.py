@@ -245,12 +245,13 @@ class Tokenizer:
     def encode(
         self,
         text: str,
-        num_image_tokens: int = 0,
+        num_image_tokens: int | Sequence[int] = 0,
         image_token_id: int | None = None,
         *,
         add_special_tokens: bool = True,
     ) -> list[int]:
-        """Ids of a prompt; each ``<image>`` becomes ``num_image_tokens`` copies of ``image_token_id``.
+        """Ids of a prompt; each ``<image>`` becomes ``num_image_tokens`` copies of ``image_token_id`` (a list gives
+        each marker its own count, in order: LLaVA-1.6 images differ).
 
         Original LLaVA's ``tokenizer_image_token``: split on ``<image>``, encode every chunk on its own (each with
         its dummy-prefix space), keep one BOS at the start.
@@ -258,11 +259,15 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         chunks = [self.encode_text(chunk, add_special_tokens) for chunk in text.split(IMAGE_MARKER)]
-        if len(chunks) > 1 and (image_token_id is None or num_image_tokens < 1):
+        markers = len(chunks) - 1
+        counts = [num_image_tokens] * markers if isinstance(num_image_tokens, int) else list(num_image_tokens)
+        if markers and (image_token_id is None or not all(c >= 1 for c in counts)):
             raise ValueError(
-                f"the text has {len(chunks) - 1} {IMAGE_MARKER} marker(s) but no image_token_id/num_image_tokens "
+                f"the text has {markers} {IMAGE_MARKER} marker(s) but no image_token_id/num_image_tokens "
                 "were given; use the Processor, which knows the checkpoint's values"
             )
+        if len(counts) != markers:
+            raise ValueError(f"the text has {markers} {IMAGE_MARKER} marker(s) but {len(counts)} image token counts")
         ids: list[int] = []
         offset = 0
         # The reference keeps the first chunk's leading BOS and drops the first id of every chunk after it.
@@ -271,7 +276,7 @@ class Tokenizer:
             ids.append(chunks[0][0])
         for i, chunk in enumerate(chunks):
             if i:
-                ids.extend([image_token_id] * num_image_tokens)
+                ids.extend([image_token_id] * counts[i - 1])
             ids.extend(chunk[offset:])
         return ids
 

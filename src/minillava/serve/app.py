@@ -87,7 +87,7 @@ def create_app(pipe: Pipeline, scheduler: Scheduler, model_name: str, allow_remo
             with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job = Job(inputs.ids, inputs.pixel_values, inputs.config, inputs.text, emit)
+        job = Job(inputs.ids, inputs.pixel_values, inputs.config, inputs.text, emit, inputs.image_sizes)
         try:
             scheduler.submit(job)
         except RuntimeError:

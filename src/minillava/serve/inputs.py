@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import torch
 
 from ..generate import GenerationConfig
-from ..image import ImageDecodeError, ImageTooLargeError, check_image_count, load_image, pixel_values
+from ..image import ImageDecodeError, ImageTooLargeError, check_image_count, pad_tiles
 from ..pipeline import Pipeline
 from ..textrow import TextRow
 from ..tokenizer import IMAGE_MARKER
@@ -32,30 +32,32 @@ FETCH_TIMEOUT_S = 10.0
 
 @dataclass
 class Prepared:
-    """What the scheduler needs for one request."""
+    """What the scheduler needs for one request (``image_sizes`` for LLaVA-1.6 tiles, else None)."""
 
     ids: list[int]
     pixel_values: torch.Tensor | None
+    image_sizes: torch.Tensor | None
     config: GenerationConfig
     text: TextRow
 
 
 def prepare(pipe: Pipeline, request: ChatRequest, max_len: int, allow_remote_images: bool = False) -> Prepared:
     """Model inputs for ``request``; ``max_len`` is the most slots a request may use (prompt + answer)."""
-    pixels = [_pixels(pipe, ref, _image_bytes(ref, allow_remote_images)) for ref in request.images]
+    images = [_preprocess(pipe, ref, _image_bytes(ref, allow_remote_images)) for ref in request.images]
+    pixels = [p for p, _, _ in images]
     try:
         text = pipe.template.format(request.messages)
     except ValueError as err:
         raise invalid("messages", str(err)) from None
     try:
         check_image_count(text.count(IMAGE_MARKER), len(pixels), "the messages: ")
-        ids = pipe.processor.encode(text)
+        ids = pipe.processor.encode(text, [count for _, _, count in images])
     except ValueError as err:
         raise invalid("messages", str(err)) from None
     window = min(pipe.context_length, max_len)
     prompt = f"the prompt is {len(ids)} tokens"
     if pixels:
-        prompt += f" ({len(pixels)} image(s) of {pipe.processor.num_image_tokens} tokens each)"
+        prompt += f" ({len(pixels)} image(s), {sum(count for _, _, count in images)} image tokens)"
     if len(ids) >= window:
         raise invalid(
             "messages",
@@ -87,18 +89,23 @@ def prepare(pipe: Pipeline, request: ChatRequest, max_len: int, allow_remote_ima
         row = TextRow(pipe.processor, config.stop_strings, eos_ids=[])
     else:
         row = pipe.text_rows(1, config)[0]
-    return Prepared(ids, torch.stack(pixels) if pixels else None, config, row)
+    if not pixels:
+        return Prepared(ids, None, None, config, row)
+    if images[0][1] is None:
+        return Prepared(ids, torch.stack(pixels), None, config, row)
+    return Prepared(ids, pad_tiles(pixels), torch.stack([size for _, size, _ in images]), config, row)
 
 
-def _pixels(pipe: Pipeline, ref: ImageRef, data: bytes) -> torch.Tensor:
-    proc = pipe.processor
+def _preprocess(pipe: Pipeline, ref: ImageRef, data: bytes) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """One image's pixels (``[3, S, S]``, or ``[T, 3, S, S]`` tiles), its (height, width) for LLaVA-1.6 tiling,
+    and how many placeholders it takes."""
     try:
-        image = load_image(data, proc.max_pixels, name=ref.param)
-        return pixel_values(image, proc.image_config, proc.max_pixels, name=ref.param)
+        pixels, sizes, counts = pipe.processor.images([data])
     except ImageTooLargeError as err:
-        raise invalid(ref.param, str(err), "image_too_large") from None
+        raise invalid(ref.param, f"{ref.param}: {err}", "image_too_large") from None
     except ImageDecodeError as err:
-        raise invalid(ref.param, str(err), "invalid_image") from None
+        raise invalid(ref.param, f"{ref.param}: {err}", "invalid_image") from None
+    return pixels[0], None if sizes is None else sizes[0], counts[0]
 
 
 def _image_bytes(ref: ImageRef, allow_remote: bool) -> bytes:

@@ -69,7 +69,7 @@ class Job:
 
     Attributes:
         ids: the prompt's token ids, image placeholders included.
-        pixel_values: ``[N, 3, S, S]`` images in placeholder order, or None.
+        pixel_values: ``[N, 3, S, S]`` images in placeholder order (LLaVA-1.6: ``[N, T, 3, S, S]`` tiles), or None.
         config: ``max_new_tokens`` and the sampling settings (``eos_token_id`` and stop strings are ``text``'s).
         text: turns tokens into answer text and decides when the answer stops.
         emit: receives the job's events, called from the scheduler's thread; it must not raise or block.
@@ -80,6 +80,7 @@ class Job:
     config: GenerationConfig
     text: TextRow
     emit: Callable[[Event], None]
+    image_sizes: torch.Tensor | None = None  # [N, 2] (height, width) of LLaVA-1.6 images
     cancelled: bool = False
     generated: int = 0  # tokens sampled so far
     length: int = 0  # slots of the cache this job's row holds real tokens in
@@ -196,7 +197,8 @@ class Scheduler:
             solo = self.model.new_cache(1, len(job.ids))
             pixels = None if job.pixel_values is None else job.pixel_values.to(self._device)
             ids = torch.tensor([job.ids], device=self._device)
-            logits = self.model(ids, pixels, past_key_values=solo, logits_to_keep=1).logits[:, -1]
+            out = self.model(ids, pixels, past_key_values=solo, logits_to_keep=1, image_sizes=job.image_sizes)
+            logits = out.logits[:, -1]
             token = self._pick(logits, [job])[0]
         except Exception as err:  # a failure inside the model fails this request alone
             log.exception("prefill failed")

@@ -92,7 +92,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument(
         "--template", help="chat template (default: plain for pretrain; for finetune the checkpoint's, else vicuna_v1)"
     )
-    p.add_argument("--image-mode", choices=("crop", "pad"), help="image preprocessing (default: the checkpoint's)")
+    p.add_argument(
+        "--image-mode", choices=("crop", "pad", "anyres"), help="image preprocessing (default: the checkpoint's)"
+    )
     p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 pretrain, 2e-5 finetune)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)

@@ -65,6 +65,8 @@ def set_trainable(model: Llava, stage: str, train_vision: bool = False) -> list[
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
+    if model.image_newline is not None:  # LLaVA-1.6's row end: part of the image-to-text connector
+        model.image_newline.requires_grad_(True)
     if stage == "finetune":
         model.llm.requires_grad_(True)
     if train_vision:
@@ -157,6 +159,7 @@ def accumulate_gradients(
                 b["input_ids"].to(device),
                 None if pixels is None else pixels.to(device),
                 b["attention_mask"].to(device),
+                image_sizes=b.get("image_sizes"),
             ).logits
         total = causal_lm_loss(logits, b["labels"], reduction="sum")
         if total.requires_grad:  # a text-only micro-batch in stage 1 reaches nothing that trains
