@@ -7,15 +7,11 @@ python -m weights_convert --to hf SRC DST [--pad-vocab]       minillava -> llava
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-from minillava.layouts import detect
-from minillava.progress import ProgressBar
-from minillava.safetensors_io import DTYPES
-
-from .convert import convert
-from .to_hf import export_hf
+from minillava.config import DTYPE_NAMES
 
 DEFAULT_SHARD_SIZE = "2GB"
 
@@ -27,10 +23,13 @@ def parse_size(text: str) -> int:
     try:
         for unit, factor in units.items():
             if upper.endswith(unit):
-                value = int(float(upper[: -len(unit)]) * factor)
+                number = float(upper[: -len(unit)]) * factor
                 break
         else:
-            value = int(upper)
+            number = float(int(upper))
+        if not math.isfinite(number):
+            raise ValueError
+        value = int(number)
     except ValueError:
         raise ValueError(f"--max-shard-size {text!r}: expected a size such as 500MB or 2GB") from None
     if value <= 0:
@@ -51,39 +50,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CLIP_DIR",
         help="CLIP checkpoint directory for original LLaVA weights without a tower (e.g. clip-vit-large-patch14-336)",
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating weights (default: keep the source's)")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="cast floating weights (default: the source's)")
     parser.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE, help="largest output shard (default 2GB)")
     parser.add_argument(
         "--pad-vocab",
         action="store_true",
         help="with --to hf: append embedding rows so the image placeholder id is inside the vocabulary",
     )
-    parser.add_argument("--force", action="store_true", help="replace a non-empty DST once the new one is complete")
+    parser.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="write weights holding NaN or infinite values (refused by default, naming the tensor)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty DST once the new one is complete (never the source or a folder around it)",
+    )
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    bar = ProgressBar(enabled=sys.stderr.isatty())
-
-    def progress(i: int, n: int, path: Path) -> None:
-        bar.update(i, n, "done" if i == n else path.name[:60])
-
     try:
-        max_shard_bytes = parse_size(args.max_shard_size)
-        dtype = DTYPES.get(args.dtype)
-        if args.to == "hf":
-            if args.vision_tower is not None:
-                raise ValueError("--vision-tower is for converting original LLaVA checkpoints, not for --to hf")
-            export_hf(args.src, args.dst, dtype, max_shard_bytes, args.force, args.pad_vocab, progress)
-            origin = "minillava"
-        else:
-            if args.pad_vocab:
-                raise ValueError("--pad-vocab only applies to --to hf")
-            source = detect(args.src, vision_tower=args.vision_tower)
-            convert(source, args.dst, dtype, max_shard_bytes, args.force, progress)
-            origin = source.name
+        origin = _run(args)
+    except KeyboardInterrupt:
+        print(f"interrupted; nothing was written to {args.dst}", file=sys.stderr)
+        return 130
     except (OSError, ValueError, KeyError) as err:
         if args.verbose:
             raise
@@ -92,6 +86,37 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"wrote {args.dst} ({args.to} layout, from {origin})")
     return 0
+
+
+def _run(args: argparse.Namespace) -> str:
+    """Convert or export as ``args`` say; returns the source layout's name. Imported here, not at the top, so that
+    Ctrl-C while torch loads is handled like any other moment."""
+    from minillava.layouts import detect
+    from minillava.progress import ProgressBar
+    from minillava.safetensors_io import DTYPES
+
+    from .convert import convert
+    from .to_hf import export_hf
+
+    bar = ProgressBar(enabled=sys.stderr.isatty())
+
+    def progress(i: int, n: int, path: Path) -> None:
+        bar.update(i, n, "done" if i == n else path.name[:60])
+
+    max_shard_bytes = parse_size(args.max_shard_size)
+    dtype = DTYPES.get(args.dtype)
+    if args.to == "hf":
+        if args.vision_tower is not None:
+            raise ValueError("--vision-tower is for converting original LLaVA checkpoints, not for --to hf")
+        export_hf(
+            args.src, args.dst, dtype, max_shard_bytes, args.force, args.pad_vocab, progress, args.allow_nonfinite
+        )
+        return "minillava"
+    if args.pad_vocab:
+        raise ValueError("--pad-vocab only applies to --to hf")
+    source = detect(args.src, vision_tower=args.vision_tower)
+    convert(source, args.dst, dtype, max_shard_bytes, args.force, progress, args.allow_nonfinite)
+    return source.name
 
 
 if __name__ == "__main__":

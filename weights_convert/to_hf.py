@@ -30,13 +30,13 @@ import torch
 
 from minillava.checkpoint import TOKENIZER_FILES
 from minillava.config import LlavaConfig, VisionConfig, read_json
+from minillava.folders import atomic_directory
 from minillava.layouts.keymaps import HF_V4, UnmappedKeyError
 from minillava.layouts.reading import ConversionError
 from minillava.layouts.source import MinillavaSource, Planned, cast, cast_dtype, plan
 from minillava.safetensors_io import (
     DEFAULT_SHARD_BYTES,
     ProgressFn,
-    atomic_directory,
     dtype_name,
     open_safetensors,
     write_shards,
@@ -230,6 +230,7 @@ def export_hf(
     force: bool = False,
     pad_vocab: bool = False,
     progress: ProgressFn | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Write the minillava checkpoint ``src`` to ``dst`` in the llava-hf layout, atomically; return its config.json.
 
@@ -241,6 +242,7 @@ def export_hf(
         force: replace a non-empty ``dst`` once the new one is complete.
         pad_vocab: grow the vocabulary when the placeholder id lies outside it (else that is refused).
         progress: called as ``progress(i, n, path)`` before each source file.
+        allow_nonfinite: write floating tensors holding NaN or infinite values (refused by default, naming them).
     """
     src = Path(src)
     source = MinillavaSource(src)
@@ -260,8 +262,8 @@ def export_hf(
     llm_dtype = next(d for name, _, d in entries if name == HF_V4.to_theirs("llm.embed_tokens.weight"))
     hf_config = hf_config_dict(config, vocab, llm_dtype)
     sources = [(path, functools.partial(_hf_tensors, path, planned, dtype, vocab)) for path, planned in files]
-    with atomic_directory(dst, force=force) as tmp:
-        write_shards(tmp, entries, sources, max_shard_bytes, progress)
+    with atomic_directory(dst, force=force, sources=[src]) as tmp:
+        write_shards(tmp, entries, sources, max_shard_bytes, progress, allow_nonfinite)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_dict(config), indent=2) + "\n")
         (tmp / "processor_config.json").write_text(json.dumps(processor_dict(config), indent=2) + "\n")

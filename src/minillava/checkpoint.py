@@ -19,15 +19,16 @@ import torch
 
 from .chat import default_template_for
 from .config import LlavaConfig
+from .folders import atomic_directory
 from .layouts import detect, load_source
 from .layouts.source import cast
 from .model import Llava
 from .safetensors_io import (
     DEFAULT_SHARD_BYTES,
-    atomic_directory,
     dtype_name,
     safetensors_files,
     safetensors_header,
+    weights_dtype,
     write_state,
 )
 
@@ -62,7 +63,7 @@ def load_config(path: str | os.PathLike, vision_tower: str | os.PathLike | None 
 
 def load(
     path: str | os.PathLike,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     vision_tower: str | os.PathLike | None = None,
 ) -> Llava:
@@ -74,12 +75,13 @@ def load(
     Args:
         path: a directory written by ``python -m weights_convert`` or :func:`minillava.save`, or a llava-hf /
             original LLaVA checkpoint directory.
-        dtype: cast floating weights to this dtype (default: keep the stored dtype).
+        dtype: cast floating weights to this dtype (``torch.bfloat16`` or its name ``"bfloat16"``; default: keep
+            the stored dtype).
         device: where the weights go.
         vision_tower: for an original LLaVA directory whose weights lack the vision tower, the CLIP checkpoint
             directory to take it from.
     """
-    return load_source(detect(Path(path), vision_tower), dtype, device)
+    return load_source(detect(Path(path), vision_tower), weights_dtype(dtype), device)
 
 
 def write_checkpoint(

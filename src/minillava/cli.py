@@ -18,8 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .chat import TEMPLATES
-from .config import BUNDLED_MODEL
-from .safetensors_io import DTYPES
+from .config import BUNDLED_MODEL, DTYPE_NAMES
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -91,7 +90,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--dtype", choices=sorted(DTYPES), help="weights' dtype (default: as stored; bfloat16 halves fp32 memory)"
+        "--dtype", choices=sorted(DTYPE_NAMES), help="weights' dtype (default: as stored; bfloat16 halves fp32 memory)"
     )
     p.add_argument(
         "--threads", type=_positive_int, metavar="N", help="torch intra-op threads (default: torch's, one per core)"
@@ -180,7 +179,7 @@ def _pipeline(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return Pipeline(_model_dir(args.model), dtype=DTYPES.get(args.dtype), template=args.template, compile=args.compile)
+    return Pipeline(_model_dir(args.model), dtype=args.dtype, template=args.template, compile=args.compile)
 
 
 def _port(text: str) -> int:
@@ -233,6 +232,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     _check_images(args.image)
+    if hasattr(sys.stdin, "reconfigure"):
+        # A line that is not UTF-8 reaches the tokenizer, which refuses it by name, instead of ending the chat.
+        sys.stdin.reconfigure(errors="surrogateescape")
     pipe = _pipeline(args)
     conv = pipe.conversation(system=args.system)
     pending: list[str] = list(args.image)
@@ -275,7 +277,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         try:
             pieces = conv.stream(text, pending, **gen)
         except (ValueError, OSError) as err:
-            print(f"error: {_one_line(err)}")
+            dropped = f" ({len(pending)} attached image(s) dropped; /image to attach again)" if pending else ""
+            print(f"error: {_one_line(err)}{dropped}")
+            pending = []
             continue
         pending = []
         sys.stdout.write("ASSISTANT: ")
@@ -313,7 +317,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=args.port,
             slots=args.slots,
             device=_device(args.device),
-            dtype=DTYPES.get(args.dtype),
+            dtype=args.dtype,
             allow_remote_images=args.allow_remote_images,
         )
     except KeyboardInterrupt:
@@ -375,20 +379,19 @@ def _one_line(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":
-        from .train import main as train_main  # lazy: training pulls in more than inference needs
-
-        return train_main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "serve": cmd_serve}
     try:
+        if argv and argv[0] == "train":
+            from .train import main as train_main  # lazy: training pulls in more than inference needs
+
+            return train_main(argv[1:])
+        args = build_parser().parse_args(argv)
+        commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "serve": cmd_serve}
         return commands[args.command](args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # torch and the model load inside the commands: Ctrl-C then is one line too
         print("\ninterrupted", file=sys.stderr)
         return 130
     except (CliError, ValueError, OSError, KeyError) as err:
-        print(f"minillava {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"minillava {argv[0]}: error: {_one_line(err)}", file=sys.stderr)
         return 1
 
 

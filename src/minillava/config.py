@@ -4,25 +4,27 @@ A converted checkpoint directory holds one ``config.json`` written by :meth:`Lla
 It records the three parts' shapes, how they are wired (feature layer, projector, placeholder id),
 and what inference needs besides weights: image preprocessing, chat template and generation
 defaults. Nothing here falls back to a library default for numerics that matter (``rms_norm_eps``
-must be given).
+must be given). Every field's type and range is checked when a config is built, whichever layout it is read
+from, so a bad ``config.json`` is refused naming the field instead of failing later inside the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from .anyres import MERGE_TYPES, UNPAD_ROUNDINGS, check_pinpoints, num_features
 
 FORMAT_NAME = "minillava"
 FORMAT_VERSION = 1
 
 PROJECTOR_TYPES = ("linear", "identity", "mlpNx_gelu")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+"""The dtypes weights can be cast to, by the names the command lines take."""
 
 # The small checkpoint shipped in the package (trained on the synthetic shapes set): the default model of
 # ``minillava generate|chat`` and ``Pipeline()``.
@@ -46,6 +48,17 @@ class VisionConfig:
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size", "patch_size"):
+            _integer("vision.", name, getattr(self, name))
+        _integer("vision.", "num_channels", self.num_channels)
+        self.layer_norm_eps = _positive("vision.", "layer_norm_eps", self.layer_norm_eps)
+        _text("vision.", "hidden_act", self.hidden_act)
+        if self.image_size < self.patch_size:
+            raise ValueError(f"vision.image_size {self.image_size} is smaller than its patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision.hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
 
     @property
     def num_patches(self) -> int:
@@ -81,6 +94,24 @@ class TextConfig:
     model_type: str = "llama"
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            _integer("text.", name, getattr(self, name))
+        for name in ("num_kv_heads", "head_dim"):
+            if getattr(self, name) is not None:
+                _integer("text.", name, getattr(self, name))
+        _integer("text.", "max_position_embeddings", self.max_position_embeddings)
+        self.rms_norm_eps = _positive("text.", "rms_norm_eps", self.rms_norm_eps)
+        self.rope_theta = _positive("text.", "rope_theta", self.rope_theta)
+        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+            _flag("text.", name, getattr(self, name))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+            if value is not None and not all(_is_int(i) for i in ids):
+                raise ValueError(f"text.{name} must be a token id (an integer) or null, got {value!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"text.rope_scaling must be a JSON object or null, got {self.rope_scaling!r}")
+        _text("text.", "hidden_act", self.hidden_act)
         if self.model_type not in ("llama", "mistral"):
             raise ValueError(f"text model_type must be 'llama' or 'mistral', got {self.model_type!r}")
         if self.num_kv_heads is None:
@@ -132,6 +163,9 @@ class AnyresConfig:
     max_sequence_length: int | None = None
 
     def __post_init__(self) -> None:
+        # Imported here: anyres imports torch, and the command line reads configs before it loads torch.
+        from .anyres import MERGE_TYPES, UNPAD_ROUNDINGS, check_pinpoints
+
         self.grid_pinpoints = check_pinpoints(self.grid_pinpoints, 1)
         if self.merge not in MERGE_TYPES:
             raise ValueError(f"anyres merge must be one of {', '.join(MERGE_TYPES)}, got {self.merge!r}")
@@ -164,8 +198,12 @@ class ImageConfig:
     def __post_init__(self) -> None:
         if self.mode not in IMAGE_MODES:
             raise ValueError(f"image mode must be one of {', '.join(IMAGE_MODES)}, got {self.mode!r}")
-        self.mean = tuple(float(x) for x in self.mean)
-        self.std = tuple(float(x) for x in self.std)
+        _integer("image.", "shortest_edge", self.shortest_edge)
+        _integer("image.", "crop_size", self.crop_size)
+        _integer("image.", "resample", self.resample, minimum=0)
+        self.rescale_factor = _positive("image.", "rescale_factor", self.rescale_factor)
+        self.mean = _three_numbers("image.mean", self.mean, positive=False)
+        self.std = _three_numbers("image.std", self.std, positive=True)
 
 
 @dataclass
@@ -186,21 +224,29 @@ class LlavaConfig:
     anyres: AnyresConfig | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.vision, dict):
-            self.vision = VisionConfig(**self.vision)
-        if isinstance(self.text, dict):
-            self.text = TextConfig(**self.text)
-        if isinstance(self.image, dict):
-            self.image = ImageConfig(**self.image)
-        if isinstance(self.anyres, dict):
-            self.anyres = AnyresConfig(**self.anyres)
+        self.vision = _section("vision", VisionConfig, self.vision)
+        self.text = _section("text", TextConfig, self.text)
+        self.image = _section("image", ImageConfig, self.image)
+        if self.anyres is not None:
+            self.anyres = _section("anyres", AnyresConfig, self.anyres)
+        _integer("", "image_token_id", self.image_token_id, minimum=0)
+        _flag("", "projector_bias", self.projector_bias)
+        _text("", "projector_type", self.projector_type)
+        for name in ("chat_template", "source_layout"):
+            if getattr(self, name) is not None:
+                _text("", name, getattr(self, name))
+        if not isinstance(self.generation, dict):
+            raise ValueError(f"generation must be a JSON object, got {type(self.generation).__name__}")
+        layers = self.vision_feature_layer
+        if not all(_is_int(i) for i in (layers if isinstance(layers, (list, tuple)) else [layers])):
+            raise ValueError(f"vision_feature_layer must be an integer or a list of integers, got {layers!r}")
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(
                 "vision_feature_select_strategy must be 'default' or 'full', "
                 f"got {self.vision_feature_select_strategy!r}"
             )
         if isinstance(self.vision_feature_layer, (list, tuple)):
-            self.vision_feature_layer = [int(i) for i in self.vision_feature_layer]
+            self.vision_feature_layer = list(self.vision_feature_layer)
             if not self.vision_feature_layer:
                 raise ValueError("vision_feature_layer must not be an empty list")
         for layer in self.feature_layers:
@@ -217,6 +263,8 @@ class LlavaConfig:
             if self.image.mode == "anyres":
                 raise ValueError("image mode 'anyres' needs the anyres settings (grid_pinpoints) of a LLaVA-1.6 model")
             return
+        from .anyres import check_pinpoints
+
         tile = self.vision.image_size
         check_pinpoints(self.anyres.grid_pinpoints, tile, "anyres grid_pinpoints")
         if self.image.mode == "anyres" and self.image.crop_size != tile:
@@ -245,6 +293,8 @@ class LlavaConfig:
         """The rows an anyres-tiled image of ``height`` x ``width`` pixels becomes (LLaVA-1.6 models only)."""
         if self.anyres is None:
             raise ValueError("not a LLaVA-1.6 (anyres) model: it has no grid_pinpoints")
+        from .anyres import num_features
+
         return num_features(
             height,
             width,
@@ -291,6 +341,57 @@ class LlavaConfig:
             return cls.from_dict(data)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: {err}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer(prefix: str, name: str, value: Any, minimum: int = 1) -> None:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{prefix}{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(prefix: str, name: str, value: Any) -> float:
+    if not _is_number(value) or value <= 0:
+        raise ValueError(f"{prefix}{name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def _flag(prefix: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{prefix}{name} must be true or false, got {value!r}")
+
+
+def _text(prefix: str, name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{prefix}{name} must be a string, got {value!r}")
+
+
+def _three_numbers(name: str, value: Any, positive: bool) -> tuple[float, float, float]:
+    ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(x) for x in value)
+    if not ok or (positive and min(value) <= 0):
+        raise ValueError(f"{name} must be 3 numbers{' > 0' if positive else ''} (one per channel), got {value!r}")
+    return tuple(float(x) for x in value)
+
+
+def _section(name: str, cls: type, value: Any) -> Any:
+    """A nested config: given as its dataclass, or as the JSON object of its fields."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {type(value).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    required = {f.name for f in dataclasses.fields(cls) if f.default is f.default_factory is dataclasses.MISSING}
+    if set(value) - fields or required - set(value):
+        unknown, missing = sorted(set(value) - fields), sorted(required - set(value))
+        found = [f"unknown fields {unknown}"] * bool(unknown) + [f"missing fields {missing}"] * bool(missing)
+        raise ValueError(f"{name}: {'; '.join(found)}")
+    return cls(**value)
 
 
 def read_json(path: str | os.PathLike, missing_ok: bool = False) -> dict[str, Any]:

@@ -8,7 +8,8 @@ for one row of logits. Positions, masks and the image splice are the model's bus
 
 A batch is left-padded. A row that finishes (EOS, or a stop condition of the caller) keeps being fed the pad id;
 attention is per row, so it cannot influence the others. The image placeholder id is never generated (its logit
-is masked): it would otherwise come back as a marker in the next turn's prompt.
+is masked): it would otherwise come back as a marker in the next turn's prompt. Logits that stop being finite
+(NaN weights or pixels, a float16 overflow) raise an error instead of producing token 0 over and over.
 
 Sampling follows transformers' semantics (temperature divides the logits, then top-k, then top-p keeps the
 smallest set whose probability reaches ``top_p``), and draws with the exponential-race trick (``argmax p / E``
@@ -201,6 +202,12 @@ def _check_inputs(
                 f"pixel_values must be [N, {tiles}{v.num_channels}, {v.image_size}, {v.image_size}], "
                 f"got {list(pixel_values.shape)}"
             )
+        bad = int((~pixel_values.isfinite()).sum())
+        if bad:
+            raise ValueError(
+                f"pixel_values hold {bad} NaN or infinite value(s); preprocess the images with the checkpoint's "
+                "processor (minillava.load_processor)"
+            )
     config = model.config
     placeholders = int((input_ids == config.image_token_id).sum())
     images = 0 if pixel_values is None else pixel_values.shape[0]
@@ -297,9 +304,17 @@ def _loop(
     image_id = model.config.image_token_id
     vocab = model.config.text.vocab_size
 
-    def pick(logits: torch.Tensor) -> torch.Tensor:
+    def pick(logits: torch.Tensor, index: int) -> torch.Tensor:
         """The next token per row; finished rows get the pad id; rows that finish now are marked."""
         logits = logits.float()
+        broken = ~logits.isfinite().all(dim=-1) & ~finished
+        if bool(broken.any()):
+            raise ValueError(
+                f"the model gave NaN or infinite logits at generated token {index + 1} (rows "
+                f"{broken.nonzero().flatten().tolist()}): its weights or inputs hold NaN or infinite values, or "
+                "float16 overflowed. Check the checkpoint (python -m weights_convert names non-finite weights), or "
+                "run in bfloat16 or float32"
+            )
         if 0 <= image_id < vocab:
             logits[:, image_id] = float("-inf")
         token = sample_next(logits, config.temperature, config.top_k, config.top_p, generator)
@@ -320,7 +335,7 @@ def _loop(
         logits_to_keep=1,
         image_sizes=image_sizes,
     )
-    token = pick(out.logits[:, -1])
+    token = pick(out.logits[:, -1], 0)
     input_pos = torch.tensor([cache.filled], device=device) if compiled_step is not None else None
     for step in range(config.max_new_tokens):
         yield token
@@ -334,7 +349,7 @@ def _loop(
         else:
             embeds = model.llm.embed_tokens(token[:, None])
             logits = model(inputs_embeds=embeds, past_key_values=cache, logits_to_keep=1).logits[:, -1]
-        token = pick(logits)
+        token = pick(logits, step + 1)
 
 
 def generate(

@@ -32,6 +32,9 @@ from .processor import load_processor
 from .textrow import TextRow
 from .tokenizer import IMAGE_MARKER
 
+ANSWER_MARKER = IMAGE_MARKER.replace(">", " >")
+"""How ``<image>`` inside an earlier answer is written into later prompts: as text, never as an image marker."""
+
 
 def with_image_markers(text: str, n_images: int) -> str:
     """Put one ``<image>`` line per image before ``text`` unless it already places its markers itself
@@ -46,7 +49,8 @@ class Pipeline:
 
     Args:
         path: a checkpoint directory (config.json, safetensors, tokenizer files); default: the bundled model.
-        dtype: weights' dtype (default: as stored). ``torch.bfloat16`` is how a 7B model fits a CPU machine.
+        dtype: weights' dtype, or its name (default: as stored). ``torch.bfloat16`` is how a 7B model fits a CPU
+            machine.
         device: where the model runs.
         template: a chat template name (default: the checkpoint's).
         image_mode: ``"crop"`` or ``"pad"`` to override the checkpoint's image preprocessing.
@@ -58,7 +62,7 @@ class Pipeline:
     def __init__(
         self,
         path: str | os.PathLike | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         device: str | torch.device = "cpu",
         template: str | ChatTemplate | None = None,
         image_mode: str | None = None,
@@ -74,7 +78,10 @@ class Pipeline:
         self.template = get_template(template) if template is not None else self.processor.template
         self.model = load(self.path, dtype=dtype, device=device)
         defaults = {k: v for k, v in self.model.config.generation.items() if k in _SETTINGS}
-        self.generation = GenerationConfig(**defaults) if generation is None else generation
+        try:
+            self.generation = GenerationConfig(**defaults) if generation is None else generation
+        except ValueError as err:
+            raise ValueError(f"{self.path / 'config.json'}: its generation defaults: {err}") from None
         self.compile = compile
 
     @property
@@ -217,6 +224,13 @@ class Pipeline:
 _SETTINGS = {f.name for f in dataclasses.fields(GenerationConfig)}
 
 
+def _as_prompt(message: dict[str, str]) -> dict[str, str]:
+    """A message of the history as later prompts show it: an answer's ``<image>`` is text, not a marker."""
+    if message["role"] != "assistant":
+        return message
+    return {**message, "content": message["content"].replace(IMAGE_MARKER, ANSWER_MARKER)}
+
+
 class Conversation:
     """A multi-turn chat with one :class:`Pipeline`.
 
@@ -225,6 +239,9 @@ class Conversation:
     ids it holds, and only the rest runs. Images of earlier turns are not encoded again unless the reused prefix
     ends inside them. The cache is this conversation's own value (:attr:`cache`): other generations on the same
     model never touch it.
+
+    Only the user's messages place images: an answer that contains the text ``<image>`` is kept as said in
+    :attr:`messages` and written as :data:`ANSWER_MARKER` into later prompts.
     """
 
     def __init__(self, pipe: Pipeline, system: str | None = None) -> None:
@@ -274,7 +291,7 @@ class Conversation:
             new_sizes = list(sizes) if sizes is not None else []
         messages = [] if self.system is None else [{"role": "system", "content": self.system}]
         user = {"role": "user", "content": with_image_markers(prompt, len(new_pixels))}
-        messages += self.messages + [user]
+        messages += [_as_prompt(m) for m in self.messages] + [user]
         text = pipe.template.format(messages)
         # The earlier turns' markers have their images: what is left over belongs to this message.
         check_image_count(text.count(IMAGE_MARKER) - len(self.pixels), len(new_pixels), "the message: ")

@@ -199,6 +199,7 @@ class Tokenizer:
 
     def tokenize(self, text: str) -> list[str]:
         """The token strings of ``text`` without BOS/EOS (transformers 4.37 slow ``LlamaTokenizer.tokenize``)."""
+        check_utf8(text)
         if not self.legacy and text:
             text = _SPIECE_UNDERLINE + text.replace(_SPIECE_UNDERLINE, " ")
         tokens: list[str] = []
@@ -298,6 +299,20 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         """Whether ``skip_special_tokens`` drops ``token_id``."""
         return token_id in self._special_ids
+
+
+def check_utf8(text: str) -> None:
+    """Raise ``ValueError`` when ``text`` cannot be written as UTF-8: it holds a lone surrogate, which is how Python
+    passes on bytes it could not decode (a command-line argument or a line of input in another encoding)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = text[err.start]
+        origin = f" (the byte 0x{ord(char) - 0xDC00:02x}, left undecoded)" if 0xDC80 <= ord(char) <= 0xDCFF else ""
+        raise ValueError(
+            f"the text is not valid UTF-8: character {err.start} is {char!r}{origin}; give the text in UTF-8 (check "
+            "the encoding of the terminal or file it came from)"
+        ) from None
 
 
 class _ByteState:

@@ -126,6 +126,16 @@ def image_config_from_preprocessor(
     )
 
 
+def json_object(config: dict[str, Any], key: str) -> dict[str, Any]:
+    """The nested object ``config[key]`` (``{}`` when absent or null)."""
+    value = config.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def config_from_hf(
     hf: dict[str, Any], preprocessor: dict[str, Any] | None = None, name: str | Path = ""
 ) -> LlavaConfig:
@@ -134,12 +144,12 @@ def config_from_hf(
     ``name`` (the checkpoint's path or hub id) picks a LLaVA-1.6 checkpoint's chat template by original LLaVA's
     name rules; LLaVA-1.5 checkpoints use the llava-hf template.
     """
-    text = hf.get("text_config") or {}
+    text = json_object(hf, "text_config")
     tie = bool(text.get("tie_word_embeddings", hf.get("tie_word_embeddings", False)))
     act = hf.get("projector_hidden_act", "gelu")
     if act != "gelu":
         raise ValueError(f"unsupported projector activation {act!r}; llava-hf projectors use 'gelu'")
-    vision = vision_config_from_hf(hf.get("vision_config") or {})
+    vision = vision_config_from_hf(json_object(hf, "vision_config"))
     image_token_id = hf.get("image_token_id", hf.get("image_token_index", 32000))
     text_config = text_config_from_hf(text, tie)
     anyres = anyres_from_hf(hf, preprocessor) if hf.get("model_type") == "llava_next" else None
@@ -204,7 +214,10 @@ class HfLlavaSource:
     def config(self) -> LlavaConfig:
         pre_path = self.directory / "preprocessor_config.json"
         pre = read_json(pre_path) if pre_path.is_file() else None
-        config = config_from_hf(self.hf_config, pre, template_source_path(self.directory))
+        try:
+            config = config_from_hf(self.hf_config, pre, template_source_path(self.directory))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{self.directory / 'config.json'}: {err}") from None
         gen_path = self.directory / "generation_config.json"
         if gen_path.is_file():
             config.generation = read_json(gen_path)

@@ -192,7 +192,11 @@ class OriginalLlavaSource:
 
     def _vision(self) -> VisionConfig:
         if self.clip_dir is not None:
-            vision, origin = vision_config_from_hf(self._clip_source()[0]), f"--vision-tower {self.clip_dir}"
+            try:
+                vision = vision_config_from_hf(self._clip_source()[0])
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{self.clip_dir / 'config.json'}: {err}") from None
+            origin = f"--vision-tower {self.clip_dir}"
         elif self.tower_inside():
             merged = {k: v for _, meta in self._llava_metas() for k, v in meta.items()}
             vision, origin = vision_from_shapes(merged, self.directory), f"the vision tower in {self.directory}"
@@ -235,8 +239,20 @@ class OriginalLlavaSource:
             raise ConversionError(f"{where}: image_grid_pinpoints {pinpoints!r}: {err}") from None
 
     def config(self) -> LlavaConfig:
-        raw = self.raw
         vision = self._vision()
+        try:
+            config = self._config(vision)
+        except (TypeError, ValueError) as err:
+            if isinstance(err, ConversionError):
+                raise
+            raise ValueError(f"{self.directory / 'config.json'}: {err}") from None
+        gen_path = self.directory / "generation_config.json"
+        if gen_path.is_file():
+            config.generation = read_json(gen_path)
+        return config
+
+    def _config(self, vision: VisionConfig) -> LlavaConfig:
+        raw = self.raw
         text_type = "mistral" if raw.get("model_type") == "llava_mistral" else "llama"
         text = text_config_from_hf({**raw, "model_type": text_type}, bool(raw.get("tie_word_embeddings", False)))
         anyres = self.anyres()
@@ -245,7 +261,7 @@ class OriginalLlavaSource:
             if directory is not None and (directory / "preprocessor_config.json").is_file():
                 pre = read_json(directory / "preprocessor_config.json")
                 break
-        config = LlavaConfig(
+        return LlavaConfig(
             vision=vision,
             text=text,
             image_token_id=text.vocab_size,
@@ -260,10 +276,6 @@ class OriginalLlavaSource:
             source_layout="original",
             anyres=anyres,
         )
-        gen_path = self.directory / "generation_config.json"
-        if gen_path.is_file():
-            config.generation = read_json(gen_path)
-        return config
 
     def parts(self) -> list[Part]:
         keymap = original_keymap(self.projector_type, self.depth)

@@ -33,7 +33,7 @@ def run(
     port: int = 8000,
     slots: int = 8,
     device: str = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     allow_remote_images: bool = False,
     log_level: str = "info",
 ) -> None:

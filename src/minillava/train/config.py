@@ -41,8 +41,10 @@ class TrainConfig:
     activation_checkpointing: bool = False
     save_every: int = 0
     resume: str | None = None
+    force: bool = False
     seed: int = 0
     skip_bad_samples: bool = False
+    max_skipped_steps: int = 100
     log_every: int = 1
     num_workers: int = 0
     group_by_length: bool = False
@@ -53,7 +55,7 @@ class TrainConfig:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
-        for name in ("batch_size", "grad_accum", "epochs", "log_every"):
+        for name in ("batch_size", "grad_accum", "epochs", "log_every", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -111,8 +113,20 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument(
         "--resume", nargs="?", const="latest", help="continue from a checkpoint (default: the latest in --output)"
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start a new run in an --output that holds another: its checkpoints and log are removed, its model is "
+        "replaced at the end",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-bad-samples", action="store_true", help="drop unreadable/invalid samples, with a count")
+    p.add_argument(
+        "--max-skipped-steps",
+        type=int,
+        default=100,
+        help="stop after this many steps in a row without a supervised token (every sample bad or cut)",
+    )
     p.add_argument("--log-every", type=int, default=1, help="progress line every N steps (log.jsonl: every step)")
     p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
     p.add_argument(

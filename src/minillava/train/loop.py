@@ -22,16 +22,23 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..checkpoint import load
 from ..config import LlavaConfig
 from ..data import Collator, LlavaDataset, group_by_length
+from ..folders import refuse_overlap
 from ..layouts.source import build_empty
 from ..model import IGNORE_INDEX, Llava, causal_lm_loss
 from ..processor import load_processor
 from ..progress import ProgressBar
 from .checkpoints import (
+    LOG_NAME,
     STATE_FORMAT,
+    check_fresh_output,
+    check_same_run,
+    clear_earlier_run,
+    file_digest,
     find_checkpoint,
     last_checkpoint,
     read_trainer_state,
     restore_optimizer,
+    run_record,
     save_checkpoint,
     save_final,
 )
@@ -196,7 +203,10 @@ def train(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
 def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     output = Path(cfg.output)
+    refuse_overlap(output, Path(cfg.model), "--output ", "--model ")
     resume_dir = find_checkpoint(cfg.resume, output) if cfg.resume else None
+    if resume_dir is None:
+        check_fresh_output(output, cfg.force)
     source = resume_dir or Path(cfg.model)
 
     config = LlavaConfig.load(source)
@@ -222,16 +232,21 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     global_batch = cfg.batch_size * cfg.grad_accum * rt.world
+    run = run_record(cfg, file_digest(cfg.data))
+    if resume_dir is not None:
+        state = read_trainer_state(resume_dir, global_batch)
+        check_same_run(resume_dir, state, run)
 
     model = build_model(source, cfg, rt)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     step, epoch, epoch_samples = 0, 0, 0
     if resume_dir is not None:
-        state = read_trainer_state(resume_dir, global_batch)
         restore_optimizer(model, optimizer, resume_dir, state, rt)
         step, epoch, epoch_samples = state["step"], state["epoch"], state["epoch_samples"]
-    log_path = output / "log.jsonl"
+    log_path = output / LOG_NAME
     if rt.main:
+        if resume_dir is None:
+            clear_earlier_run(output)  # only now that data and model are known to load
         start_log(log_path, resumed_at=step if resume_dir is not None else None)
     progress = ProgressBar(cfg.log_every, cfg.progress and rt.main)
     autocast = torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -249,9 +264,13 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             "total_steps": total_steps,
             "world_size": rt.world,
             "config": dataclasses.asdict(cfg),
+            "run": run,
         }
 
+    skipped_in_a_row = 0
     while step < total_steps:
+        # A pass from the start of the data that makes no step would be followed by another just like it.
+        whole_pass, steps_before, skipped_in_pass = epoch_samples == 0, step, 0
         sampler.set_epoch(epoch)
         indices = list(sampler)
         if cfg.group_by_length:
@@ -284,13 +303,27 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
                     raise error
                 raise PeerFailed("stopping: another process failed to load its data (its error is above)")
             if n_micro == 0:  # the end of the epoch
+                if whole_pass and step == steps_before:
+                    raise ValueError(
+                        f"a whole pass over {cfg.data} gave no step: {skipped_in_pass} bad sample(s) skipped, and no "
+                        "batch had a supervised token; fix the data (or --max-length, --image-folder)"
+                    )
                 epoch, epoch_samples = epoch + 1, 0
                 break
             epoch_samples += consumed * rt.world
             skipped_total += int(skipped)
+            skipped_in_pass += int(skipped)
             if supervised == 0:
                 print(f"step {step + 1}: no supervised token in the global batch; skipped", file=sys.stderr)
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= cfg.max_skipped_steps:
+                    raise ValueError(
+                        f"{skipped_in_a_row} steps in a row had no supervised token ({skipped_in_pass} bad sample(s) "
+                        f"skipped in this pass over {cfg.data}); stopping. Fix the data, or raise "
+                        "--max-skipped-steps if long stretches of it are bad"
+                    )
                 continue
+            skipped_in_a_row = 0
             if rt.distributed:
                 micro = [b if b["pixel_values"] is not None else with_dummy_image(b, config, pad_id) for b in micro]
             # FSDP averages gradients over processes; scaling by world/count turns that into sum/count.
