@@ -270,3 +270,9 @@ def test_python_dash_m_runs_the_cli(ckpt):
     )
     assert proc.returncode == 0, proc.stderr
     assert "tokens per image" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_serve_refuses_a_device_that_is_not_there(capsys):
+    code, _, err = run(capsys, "serve", "--device", "cuda", "--port", "0")
+    assert code == 1 and "device 'cuda'" in err and "sees no CUDA GPU; use cpu" in err

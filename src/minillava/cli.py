@@ -1,8 +1,9 @@
-"""The ``minillava`` command: generate, chat, info, train, convert.
+"""The ``minillava`` command: generate, chat, info, serve, train, convert.
 
     minillava generate --model DIR --image cat.jpg --prompt "What is in this image?"
     minillava chat --model DIR [--image cat.jpg]
     minillava info --model DIR
+    minillava serve --model DIR [--port 8000]    (OpenAI-compatible API and a chat page; the serve extra)
     minillava train ...            (see minillava train --help)
     minillava convert SRC DST      (python -m weights_convert; see minillava convert --help)
 
@@ -94,6 +95,15 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only")
     p.add_argument("--seed", type=int, metavar="S", help="seed for sampling (same seed, same answer)")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through a torch.compile'd step: compiling takes a while once, then each token is faster",
+    )
+    _add_runtime_args(p)
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
         "--dtype", choices=sorted(DTYPE_NAMES), help="weights' dtype (default: as stored; bfloat16 halves fp32 memory)"
     )
     p.add_argument(
@@ -102,11 +112,6 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         metavar="DEV",
         help=f"where the model runs: {', '.join(DEVICE_CHOICES)} or cuda:N (default: auto, a CUDA GPU when there "
         "is one, else the CPU)",
-    )
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="decode through a torch.compile'd step: compiling takes a while once, then each token is faster",
     )
     p.add_argument(
         "--threads", type=_positive_int, metavar="N", help="torch intra-op threads (default: torch's, one per core)"
@@ -157,6 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(info)
     info.add_argument("--json", action="store_true", help="print the description as JSON")
 
+    serve = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server with continuous batching, and a chat page",
+        description="Serve the model over HTTP: POST /v1/chat/completions (OpenAI's schema, streaming), GET "
+        "/v1/models, GET /health, and a chat page at /. Requests are decoded together in --slots rows of one KV "
+        "cache. Needs the serve extra: pip install 'minillava[serve]'.",
+    )
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000; 0: any free port)")
+    serve.add_argument(
+        "--slots", type=_positive_int, default=8, metavar="N", help="requests decoded together (default: 8)"
+    )
+    serve.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="fetch http(s) image URLs (off by default: images come inline as data: URLs; local files never)",
+    )
+    _add_runtime_args(serve)
+
     sub.add_parser(
         "train",
         help="train or fine-tune (see 'minillava train --help')",
@@ -189,6 +214,16 @@ def _pipeline(args: argparse.Namespace):
     message = f"loading {path} ({size}{f' as {args.dtype}' if args.dtype else ''}) on {device}..."
     with notice_if_slow(message):
         return Pipeline(path, dtype=args.dtype, device=device, template=args.template, compile=args.compile)
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535, got {value}")
+    return value
 
 
 def _gen_kwargs(args: argparse.Namespace) -> dict:
@@ -305,6 +340,37 @@ def _attach_message(path: str, pending: list[str], in_conversation: int) -> str:
     return text
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from . import serve
+    except ModuleNotFoundError as err:
+        if err.name not in ("fastapi", "starlette", "uvicorn"):
+            raise
+        raise CliError(
+            f"minillava serve needs the serve extra ({err.name} is missing): pip install 'minillava[serve]'"
+        ) from None
+    import torch
+
+    from .device import resolve_device
+
+    device = resolve_device(args.device)  # before loading: a missing GPU is said at once
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        serve.run(
+            _model_dir(args.model),
+            host=args.host,
+            port=args.port,
+            slots=args.slots,
+            device=device,
+            dtype=args.dtype,
+            allow_remote_images=args.allow_remote_images,
+        )
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a server stops: uvicorn has shut down cleanly, then passed the signal on
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import describe_checkpoint
 
@@ -369,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return convert_main(argv[1:], prog="minillava convert")
         args = build_parser().parse_args(argv)
-        commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+        commands = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "serve": cmd_serve}
         return commands[args.command](args)
     except KeyboardInterrupt:  # torch and the model load inside the commands: Ctrl-C then is one line too
         print("\ninterrupted", file=sys.stderr)

@@ -29,7 +29,8 @@ from .device import resolve_device
 from .generate import GenerationConfig, resolve_eos, settings, stream_generate
 from .hub import resolve
 from .image import ImageInput, check_image_count, image_list, pad_tiles
-from .processor import Processor, load_processor
+from .processor import load_processor
+from .textrow import TextRow
 from .tokenizer import IMAGE_MARKER
 
 ANSWER_MARKER = IMAGE_MARKER.replace(">", " >")
@@ -42,64 +43,6 @@ def with_image_markers(text: str, n_images: int) -> str:
     if n_images and IMAGE_MARKER not in text:
         return (IMAGE_MARKER + "\n") * n_images + text
     return text
-
-
-class _TextRow:
-    """One sequence's text: tokens in, final text out, cut at the first stop string.
-
-    Text that could still grow into a stop string is held back; :attr:`text` is everything released so far.
-    """
-
-    def __init__(self, processor: Processor, stop_strings: Sequence[str], eos_ids: Sequence[int]) -> None:
-        self.decoder = processor.incremental_decoder(skip_special_tokens=True)
-        self.stops = [s for s in stop_strings if s]
-        self.eos = set(eos_ids)
-        self.raw = ""  # everything decoded so far
-        self.released = 0  # characters of ``raw`` handed out
-        self.done = False
-
-    def push(self, token: int) -> bool:
-        """Add a token (ignored once done); return True when this row just finished."""
-        if self.done:
-            return False
-        if token in self.eos:
-            self.done = True
-            self.raw += self.decoder.flush()
-            self._cut()
-            return True
-        self.raw += self.decoder.push(token)
-        return self._cut()
-
-    def finish(self) -> None:
-        """End of generation (max tokens): release what was held back."""
-        if not self.done:
-            self.raw += self.decoder.flush()
-            self._cut()
-            self.done = True
-
-    def _cut(self) -> bool:
-        for stop in self.stops:
-            at = self.raw.find(stop, max(0, self.released - len(stop) + 1))
-            if at >= 0:
-                self.raw = self.raw[:at]
-                self.done = True
-                return True
-        return False
-
-    def take(self) -> str:
-        """The newly final text since the last call."""
-        end = len(self.raw)
-        if not self.done:
-            # Hold back the longest tail that is a proper prefix of a stop string.
-            for stop in self.stops:
-                for n in range(min(len(stop) - 1, len(self.raw)), 0, -1):
-                    if self.raw.endswith(stop[:n]):
-                        end = min(end, len(self.raw) - n)
-                        break
-        end = max(end, self.released)
-        piece = self.raw[self.released : end]
-        self.released = end
-        return piece
 
 
 class Pipeline:
@@ -193,8 +136,8 @@ class Pipeline:
             raise ValueError(f"{len(prompts)} prompts but {len(groups)} image lists; pass one list per prompt")
         texts = [self._prompt_text(p, len(g), system) for p, g in zip(prompts, groups, strict=True)]
         batch = self.processor(texts, images=groups, padding_side="left")
-        gen = self._settings(config, overrides, batch["input_ids"].shape[1])
-        rows = self._rows(len(texts), gen)
+        gen = self.generation_settings(config, overrides, batch["input_ids"].shape[1])
+        rows = self.text_rows(len(texts), gen)
         inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
         steps = self._steps(*inputs, rows, gen, image_sizes=batch.get("image_sizes"))
         for _ in steps:
@@ -215,14 +158,9 @@ class Pipeline:
         """Like :meth:`chat`, yielding text pieces as they are generated; joined they are the answer."""
         return Conversation(self, system).stream(prompt, images, config=config, **overrides)
 
-    # -- shared machinery ------------------------------------------------------------------------------------
-
-    def _prompt_text(self, prompt: str, n_images: int, system: str | None) -> str:
-        messages = [] if system is None else [{"role": "system", "content": system}]
-        messages.append({"role": "user", "content": with_image_markers(prompt, n_images)})
-        return self.template.format(messages)
-
-    def _settings(self, config: GenerationConfig | None, overrides: dict, prompt_tokens: int) -> GenerationConfig:
+    def generation_settings(
+        self, config: GenerationConfig | None, overrides: dict, prompt_tokens: int
+    ) -> GenerationConfig:
         """The call's settings. A length given in the call is kept (and refused if it does not fit); the default
         length is capped by what the context window has left."""
         gen = settings(config or self.generation, **overrides)
@@ -236,7 +174,7 @@ class Pipeline:
             gen = gen.replace(max_new_tokens=min(gen.max_new_tokens, room))
         return gen
 
-    def _eos_ids(self, gen: GenerationConfig) -> list[int]:
+    def eos_ids(self, gen: GenerationConfig) -> list[int]:
         """The EOS ids plus every stop string that is a single special token of the tokenizer (so it stops
         generation even though decoding drops it from the text)."""
         ids = resolve_eos(self.model, gen.eos_token_id)
@@ -246,16 +184,24 @@ class Pipeline:
                 ids.append(token)
         return ids
 
-    def _rows(self, n: int, gen: GenerationConfig) -> list[_TextRow]:
+    def text_rows(self, n: int, gen: GenerationConfig) -> list[TextRow]:
+        """``n`` fresh :class:`~minillava.textrow.TextRow` s that stop on the template's and ``gen``'s stop strings."""
         stops = (*self.template.stop_strings, *gen.stop_strings)
-        return [_TextRow(self.processor, stops, self._eos_ids(gen)) for _ in range(n)]
+        return [TextRow(self.processor, stops, self.eos_ids(gen)) for _ in range(n)]
+
+    # -- shared machinery ------------------------------------------------------------------------------------
+
+    def _prompt_text(self, prompt: str, n_images: int, system: str | None) -> str:
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        messages.append({"role": "user", "content": with_image_markers(prompt, n_images)})
+        return self.template.format(messages)
 
     def _steps(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
-        rows: list[_TextRow],
+        rows: list[TextRow],
         gen: GenerationConfig,
         cache: KVCache | None = None,
         image_sizes: torch.Tensor | None = None,
@@ -270,7 +216,7 @@ class Pipeline:
             input_ids,
             pixel_values,
             attention_mask,
-            gen.replace(eos_token_id=self._eos_ids(gen)),
+            gen.replace(eos_token_id=self.eos_ids(gen)),
             cache=cache,
             compile=self.compile,
             should_stop=should_stop,
@@ -368,12 +314,12 @@ class Conversation:
             suffix_pixels, suffix_sizes = pad_tiles(pixels[-n_new_images:]), torch.stack(sizes[-n_new_images:])
         elif n_new_images:
             suffix_pixels = torch.stack(pixels[-n_new_images:])
-        gen = pipe._settings(config, overrides, len(ids))
+        gen = pipe.generation_settings(config, overrides, len(ids))
         if self.cache is None:
             self.cache = pipe.model.new_cache(1, len(ids) + gen.max_new_tokens)
         self.cache.crop(prefix)
         self._cached = ids[:prefix]
-        rows = pipe._rows(1, gen)
+        rows = pipe.text_rows(1, gen)
         # Checks arguments and sizes the cache now, so that errors surface here rather than at the first piece.
         suffix = torch.tensor([ids[prefix:]])
         steps = pipe._steps(suffix, suffix_pixels, None, rows, gen, cache=self.cache, image_sizes=suffix_sizes)
@@ -381,7 +327,7 @@ class Conversation:
         return self._turn(steps, rows[0], ids, user, (new_pixels, new_sizes))
 
     def _turn(
-        self, steps: Iterator[torch.Tensor], row: _TextRow, ids: list[int], user: dict, new_images: tuple[list, list]
+        self, steps: Iterator[torch.Tensor], row: TextRow, ids: list[int], user: dict, new_images: tuple[list, list]
     ) -> Iterator[str]:
         answer_ids: list[int] = []
         answer: list[str] = []
