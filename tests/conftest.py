@@ -68,3 +68,12 @@ def hf_reference(tmp_path_factory) -> Callable[..., tuple]:
         return hf, ours, dst
 
     return build
+
+
+@pytest.fixture(scope="session")
+def bundled_pipeline():
+    """``Pipeline()``: the bundled shapes model, whose answers the server tests compare with (read-only: a test
+    that hooks the model removes its hook)."""
+    from minillava.pipeline import Pipeline
+
+    return Pipeline()

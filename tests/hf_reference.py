@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.sp_fixtures import write_tokenizer_dir
+
 IMAGE_TOKEN_ID = 90  # inside the vocabulary: transformers embeds the placeholder ids before overwriting them
 VOCAB = 96
 
@@ -196,7 +198,7 @@ def original_state(model, tower_inside: bool = False) -> tuple[dict[str, torch.T
         value = value.detach().clone()
         if key.startswith("model.language_model."):
             llava["model." + key[len("model.language_model.") :]] = value
-        elif key == "lm_head.weight":
+        elif key in ("lm_head.weight", "model.image_newline"):  # the newline: LLaVA-1.6 (LlavaNext) models
             llava[key] = value
         elif key.startswith("model.multi_modal_projector."):
             rest = key[len("model.multi_modal_projector.") :]
@@ -291,9 +293,8 @@ def save_original(
         save_file(llava, directory / "model.safetensors", metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(original_config(model, projector, **config_overrides)))
     (directory / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    (directory / "tokenizer.model").write_bytes(b"not a real sentencepiece model")
-    (directory / "tokenizer_config.json").write_text(json.dumps({"legacy": False, "model_max_length": 2048}))
-    (directory / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    # The converter reads the tokenizer before it writes: a real one, as the releases ship (no <image>, no pad).
+    write_tokenizer_dir(directory, added_tokens=(), pad_token=None, legacy=False)
     return directory
 
 

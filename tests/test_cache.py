@@ -163,3 +163,23 @@ def test_decode_step_equals_a_one_token_forward(model):
     got = model.decode_step(tokens, torch.tensor([b.filled]), b)
     assert_close(got, expected, **FP32)
     assert torch.equal(a.mask[:, : a.filled], b.mask[:, : a.filled])
+
+
+@torch.no_grad()
+def test_compact_drops_masked_slots_and_rows_continue_as_alone(model):
+    # Row 0 joined first, rows 1 and 2 later and longer, so row 0 has masked slots in the middle; row 2 then left.
+    a, b, c = text(9, 10), text(4, 11), text(6, 12)
+    cache = model.new_cache(3, 32)
+    for row, ids, end in ((0, a, 9), (1, b, 14), (2, c, 14)):
+        cache.write_row(row, model(ids, use_cache=True).past_key_values, end=end)
+    first, second = torch.tensor([[21], [22], [23]]), torch.tensor([[31], [32], [33]])
+    model(first, past_key_values=cache)
+    cache.compact(rows=[0, 1])
+    assert cache.filled == 10  # row 0's 9 + 1 real slots; row 1 has 5
+    assert cache.mask[0].tolist() == [True] * 10 + [False] * 22
+    assert cache.mask[1].tolist() == [False] * 5 + [True] * 5 + [False] * 22
+    assert not cache.mask[2].any()
+    got = model(second, past_key_values=cache).logits[:, -1]
+    for row, ids in ((0, a), (1, b)):
+        alone = torch.cat([ids[0], first[row], second[row]])[None]
+        assert_close(got[row], model(alone).logits[0, -1], **FP32)

@@ -149,6 +149,16 @@ def test_default_template_follows_the_cli_rule(name, expected):
     assert default_template_for(name) == expected
 
 
+def test_default_template_for_llava_1_6():
+    """llava-hf's 1.6 conversions take the name rule too (their prompts are the original's); a Mistral decoder whose
+    directory name says nothing gets mistral_instruct."""
+    assert default_template_for("llava-hf/llava-v1.6-mistral-7b-hf", "original", "mistral") == "mistral_instruct"
+    assert default_template_for("llava-hf/llava-v1.6-vicuna-13b-hf", "original", "llama") == "llava_v1"
+    assert default_template_for("llava-hf/llava-v1.6-34b-hf", "original", "llama") == "chatml_direct"
+    assert default_template_for("my-finetune", "original", "mistral") == "mistral_instruct"
+    assert default_template_for("my-finetune", "original", "llama") == "llava_v1"
+
+
 def test_default_template_for_llava_hf_layouts():
     for layout in ("hf_llava", "llava_hf", "llava-hf", "hf"):
         assert default_template_for("llava-hf/llava-1.5-7b-hf", layout) == "llava_hf"

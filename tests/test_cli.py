@@ -89,6 +89,18 @@ def test_chat_session(ckpt, image, capsys, monkeypatch):
     assert "/no/such.png: no such image file" in out and "unknown command /bogus" in out
 
 
+def test_chat_says_what_a_second_image_does(ckpt, images, capsys, monkeypatch):
+    a, b = (str(p) for p in images)
+    lines = iter([f"/image {a}", f"/image {b}", "What is it?", f"/image {a}", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    code, out, err = run(capsys, "chat", "--model", str(ckpt), "--max-new-tokens", "4")
+    assert code == 0, err
+    assert f"(image {b} replaces {a} for your next message)" in out
+    # The answer was about b alone: a replaced image is not sent.
+    assert f"ASSISTANT: {Pipeline(ckpt).chat('What is it?', images=[b], max_new_tokens=4)}\n" in out
+    assert "the conversation already has 1 image(s) and keeps them" in out and "/reset" in out
+
+
 def test_chat_ctrl_c_stops_the_answer_not_the_program(ckpt, capsys, monkeypatch):
     from minillava.pipeline import Conversation
 
@@ -123,6 +135,7 @@ def test_chat_ctrl_c_stops_the_answer_not_the_program(ckpt, capsys, monkeypatch)
         (["generate", "--model", "{ckpt}", "--prompt", "x", "--top-p", "2"], "top_p must be in (0, 1]"),
         (["generate", "--model", "{ckpt}", "--prompt", "x", "--max-new-tokens", "900"], "context window of 512"),
         (["generate", "--model", "{ckpt}", "--prompt", "x", "--template", "nope"], "unknown chat template 'nope'"),
+        (["generate", "--model", "{ckpt}", "--prompt", "x", "--device", "tpu"], "unknown device 'tpu'"),
     ],
 )
 def test_errors_are_one_line(ckpt, capsys, argv, message):
@@ -165,6 +178,83 @@ def test_help_is_complete(capsys, command):
         assert option in out
 
 
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"minillava {cli.version()}" and cli.version()[0].isdigit()
+
+
+def test_device_flag_and_auto(ckpt, image, capsys):
+    from minillava.device import resolve_device
+
+    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto") == resolve_device(None) == auto
+    assert Pipeline(ckpt).model.llm.embed_tokens.weight.device.type == auto.type
+    code, out, err = run(
+        capsys, "generate", "--model", str(ckpt), "--image", str(image), "--prompt", "Hi", "--device", "cpu"
+    )
+    assert code == 0, err
+    assert out == Pipeline(ckpt, device="cpu").chat("Hi", images=[str(image)]) + "\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_without_a_gpu_is_one_clear_error(ckpt, capsys):
+    code, _, err = run(capsys, "chat", "--model", str(ckpt), "--device", "cuda")
+    assert code == 1 and err.count("\n") == 1
+    assert "sees no CUDA GPU" in err and "use cpu" in err
+
+
+def test_loading_notice_only_when_slow(capsys):
+    import time
+
+    from minillava.progress import notice_if_slow
+
+    with notice_if_slow("loading quick"):
+        pass
+    with notice_if_slow("loading slow...", after=0.05):
+        time.sleep(0.3)
+    err = capsys.readouterr().err
+    assert "loading quick" not in err
+    assert err.startswith("loading slow...\nready after 0.") and err.count("\n") == 2
+
+
+def test_info_and_convert_take_unconverted_folders(hf_reference, tmp_path, capsys):
+    _, _, converted = hf_reference(seed=3)
+    llava_hf = converted.parent / "hf"
+    capsys.readouterr()  # the fixture's conversion message
+    code, out, err = run(capsys, "info", "--model", str(llava_hf), "--json")
+    assert code == 0, err
+    unconverted = json.loads(out)
+    code, out, _ = run(capsys, "info", "--model", str(converted), "--json")
+    assert unconverted["layout"] == "llava-hf"
+    assert {k: v for k, v in unconverted.items() if k != "path"} == {
+        k: v for k, v in json.loads(out).items() if k != "path"
+    }
+    code, out, err = run(capsys, "convert", str(llava_hf), str(tmp_path / "again"))
+    assert code == 0, err
+    assert "from llava-hf" in out and (tmp_path / "again" / "config.json").is_file()
+    with pytest.raises(SystemExit):
+        cli.main(["convert", "--help"])
+    assert capsys.readouterr().out.startswith("usage: minillava convert")
+
+
+def test_train_takes_an_unconverted_folder(train_setup, tmp_path, capsys):
+    """Training from the llava-hf export of a checkpoint is training from the checkpoint: the same losses."""
+    model, data, images = train_setup
+    hf = tmp_path / "hf"
+    assert cli.main(["convert", "--to", "hf", str(model), str(hf)]) == 0
+    common = ["--data", str(data), "--image-folder", str(images), "--max-steps", "2", "--precision", "fp32"]
+    common += ["--batch-size", "4", "--lr", "3e-3", "--no-progress"]
+    for name, src in (("from-minillava", model), ("from-hf", hf)):
+        assert cli.main(["train", "--model", str(src), "--output", str(tmp_path / name), *common]) == 0
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        for name in ("from-minillava", "from-hf")
+    ]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
+
+
 def test_train_is_forwarded(monkeypatch):
     import minillava.train
 
@@ -180,3 +270,9 @@ def test_python_dash_m_runs_the_cli(ckpt):
     )
     assert proc.returncode == 0, proc.stderr
     assert "tokens per image" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_serve_refuses_a_device_that_is_not_there(capsys):
+    code, _, err = run(capsys, "serve", "--device", "cuda", "--port", "0")
+    assert code == 1 and "device 'cuda'" in err and "sees no CUDA GPU; use cpu" in err

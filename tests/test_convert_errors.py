@@ -157,7 +157,9 @@ def test_no_tower_anywhere_names_the_fix(original, tmp_path, capsys):
     ("override", "needle"),
     [
         ({"mm_use_im_start_end": True}, "mm_use_im_start_end"),
-        ({"image_aspect_ratio": "anyres"}, "anyres"),
+        ({"image_aspect_ratio": "anyres_max_9"}, "anyres_max_9"),
+        ({"image_aspect_ratio": "anyres"}, "image_grid_pinpoints None"),
+        ({"mm_patch_merge_type": "spatial"}, "'spatial'"),
         ({"mm_patch_merge_type": "spatial_unpad"}, "spatial_unpad"),
         ({"mm_projector_type": "qformer"}, "qformer"),
         ({"mm_vision_select_feature": "cls"}, "'cls'"),

@@ -197,7 +197,7 @@ def test_prefill_once_and_lm_head_only_where_needed(pair, monkeypatch):
     ids = rows[2][None]
     encodes, logit_rows = [], []
     encode, logits = ours.encode_images, ours.llm.logits
-    monkeypatch.setattr(ours, "encode_images", lambda px: encodes.append(px.shape[0]) or encode(px))
+    monkeypatch.setattr(ours, "encode_images", lambda px, *sizes: encodes.append(px.shape[0]) or encode(px, *sizes))
     monkeypatch.setattr(ours.llm, "logits", lambda h: logit_rows.append(tuple(h.shape)) or logits(h))
     cache = ours.new_cache(1, 4)  # too short: generation grows it to fit prompt + max_new_tokens
     out = generate(ours, ids, images[2], max_new_tokens=6, eos_token_id=[], cache=cache)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from minillava.generate import generate
-from minillava.pipeline import Pipeline, _TextRow
+from minillava.pipeline import Pipeline
+from minillava.textrow import TextRow
 
 
 @pytest.fixture(scope="module")
@@ -63,19 +64,19 @@ def test_stop_string_is_cut_and_ends_generation(ckpt, images):
 
 def test_text_row_holds_back_a_possible_stop_string(pipe):
     tok = pipe.processor.tokenizer
-    row = _TextRow(pipe.processor, ["</s>", "STOP"], eos_ids=[2])
+    row = TextRow(pipe.processor, ["</s>", "STOP"], eos_ids=[2])
     out = []
     for token in tok.encode_text("Hello there STOP and more", add_special_tokens=False):
         row.push(token)
         out.append(row.take())
     assert row.done and "".join(out) == "Hello there "
-    row = _TextRow(pipe.processor, ["</s>"], eos_ids=[2])
+    row = TextRow(pipe.processor, ["</s>"], eos_ids=[2])
     for token in tok.encode_text("a cat </", add_special_tokens=False):
         row.push(token)
     assert row.take() == "a cat "  # "</" could begin "</s>"
     row.finish()  # max tokens reached: what was held back is released
     assert row.take() == "</" and row.raw == "a cat </"
-    row = _TextRow(pipe.processor, ["</s>"], eos_ids=[2])
+    row = TextRow(pipe.processor, ["</s>"], eos_ids=[2])
     for token in [*tok.encode_text("a dog", add_special_tokens=False), 2, 5, 6]:
         row.push(token)  # EOS ends the row; later (pad) tokens are ignored
     assert row.done and row.take() == "a dog"
@@ -96,7 +97,7 @@ def test_second_turn_reuses_the_cache(pipe, images, monkeypatch):
     assert conv.last_prefill > pipe.processor.num_image_tokens
     encoded = []
     encode = pipe.model.encode_images
-    monkeypatch.setattr(pipe.model, "encode_images", lambda px: encoded.append(len(px)) or encode(px))
+    monkeypatch.setattr(pipe.model, "encode_images", lambda px, *sizes: encoded.append(len(px)) or encode(px, *sizes))
     second = conv.chat("And what color is it?", max_new_tokens=16)
     assert encoded == []  # the image is not encoded again
     first_prompt = len(pipe.processor.encode(pipe.template.format(conv.messages[:1])))

@@ -70,7 +70,7 @@ def test_load_processor_reads_the_checkpoint(hf_dir, original_dir):
     assert orig.pad_token_id == 0  # no pad token in the tokenizer: the config's (vicuna's unk)
     assert load_processor(hf_dir, image_mode="pad").image_config.mode == "pad"
     assert load_processor(hf_dir, template="vicuna_v1").template.name == "vicuna_v1"
-    with pytest.raises(ValueError, match="image_mode must be 'crop' or 'pad'"):
+    with pytest.raises(ValueError, match="image_mode must be one of crop, pad, anyres"):
         load_processor(hf_dir, image_mode="squash")
 
 

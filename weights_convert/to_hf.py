@@ -6,9 +6,21 @@ The weights get the transformers 4.x hub names (``language_model.model.*``, ``la
 top of ``text_config`` (the 4.x form, which 5.x also reads). Tensors are copied byte for byte, so converting a
 llava-hf checkpoint and exporting it again gives back the same tensors.
 
-Two things llava-hf cannot express are refused: a projector other than ``mlp2x_gelu``, and a placeholder id
-outside the vocabulary (what original-LLaVA conversions use). transformers looks the placeholder id up in the
-embedding before overwriting it, so it needs a row; ``pad_vocab`` appends rows as llava-hf's own conversion did.
+The export also says how minillava generates, in transformers' terms, so that ``generate(**inputs)`` and
+``pipeline("image-text-to-text")`` give minillava's answers with no extra arguments: ``generation_config.json``
+(greedy unless the checkpoint samples, its EOS plus the template's one-token stop strings, the pad id, and the
+placeholder id, which minillava never generates, in ``suppress_tokens``) and ``chat_template.jinja`` (the
+checkpoint's own chat template; see :mod:`weights_convert.hf_chat_template`).
+
+A LLaVA-1.6 checkpoint becomes ``LlavaNextForConditionalGeneration`` (``llava_next``, its pinpoints as
+``(height, width)`` in the recorded order, ``image_newline``). transformers always rounds in unpad and never cuts the
+sequence, so a checkpoint converted from original LLaVA keeps its tie-break but follows transformers' other two rules
+once exported (they differ on 32 of the 1.21 M sizes up to 1100 x 1100; ``docs/llava-next.md``).
+
+Things llava-hf cannot express are refused: a projector other than ``mlp2x_gelu``, LLaVA-1.6's ``flat`` merge, and
+a placeholder id outside the vocabulary (what original-LLaVA conversions use). transformers looks the placeholder id
+up in the embedding before overwriting it, so it needs a row; ``pad_vocab`` appends rows as llava-hf's own
+conversion did.
 """
 
 from __future__ import annotations
@@ -22,21 +34,29 @@ from typing import Any
 
 import torch
 
+from minillava.chat import ChatTemplate, default_template_for, get_template
 from minillava.checkpoint import TOKENIZER_FILES
 from minillava.config import LlavaConfig, VisionConfig, read_json
+from minillava.folders import atomic_directory
+from minillava.generate import GenerationConfig
 from minillava.layouts.keymaps import HF_V4, UnmappedKeyError
 from minillava.layouts.reading import ConversionError
 from minillava.layouts.source import MinillavaSource, Planned, cast, cast_dtype, plan
 from minillava.safetensors_io import (
     DEFAULT_SHARD_BYTES,
     ProgressFn,
-    atomic_directory,
     dtype_name,
     open_safetensors,
     write_shards,
 )
+from minillava.tokenizer import Tokenizer
+
+from .hf_chat_template import image_suffix_for, jinja_chat_template
 
 IMAGE_TOKEN = "<image>"
+CHAT_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")  # written fresh from the checkpoint's template
+# transformers' generate refuses stop strings unless it is handed a tokenizer, and has no seed setting.
+MINILLAVA_ONLY_SETTINGS = ("seed", "stop_strings")
 VOCAB_MULTIPLE = 64  # llava-hf pads 32002 -> 32064 for tensor-core friendly shapes
 PADDED_TENSORS = ("llm.embed_tokens.weight", "llm.lm_head.weight")
 
@@ -73,8 +93,13 @@ def hf_config_dict(config: LlavaConfig, vocab_size: int, dtype: torch.dtype) -> 
             f"projector {config.projector_type!r}: llava-hf's projector is two Linears with GELU between "
             "(mlp2x_gelu) and cannot express this one; keep the checkpoint in the minillava layout"
         )
+    if config.anyres is not None and config.anyres.merge != "spatial_unpad":
+        raise ConversionError(
+            f"LLaVA-1.6 merge {config.anyres.merge!r}: transformers' LlavaNext only implements spatial_unpad; keep the "
+            "checkpoint in the minillava layout"
+        )
     text = {
-        "model_type": "llama",
+        "model_type": t.model_type,
         "vocab_size": vocab_size,
         "hidden_size": t.hidden_size,
         "intermediate_size": t.intermediate_size,
@@ -95,9 +120,15 @@ def hf_config_dict(config: LlavaConfig, vocab_size: int, dtype: torch.dtype) -> 
         "pad_token_id": t.pad_token_id,
         "torch_dtype": dtype_name(dtype),
     }
+    if t.model_type == "mistral":
+        text["sliding_window"] = None  # MistralConfig's default is 4096
+    next_fields = {}
+    if config.anyres is not None:
+        next_fields = {"image_grid_pinpoints": [list(p) for p in config.anyres.grid_pinpoints]}
     return {
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
+        "architectures": ["LlavaNextForConditionalGeneration" if next_fields else "LlavaForConditionalGeneration"],
+        "model_type": "llava_next" if next_fields else "llava",
+        **next_fields,
         "image_token_index": config.image_token_id,
         "projector_hidden_act": "gelu",
         "multimodal_projector_bias": config.projector_bias,
@@ -130,10 +161,18 @@ def clip_vision_dict(v: VisionConfig) -> dict[str, Any]:
 def preprocessor_dict(config: LlavaConfig) -> dict[str, Any]:
     """The image processor settings; ``pad`` mode needs ``LlavaImageProcessor(do_pad=True)`` (transformers >= 4.51)."""
     image = config.image
+    kind = "LlavaImageProcessor" if image.mode == "pad" else "CLIPImageProcessor"
+    extra: dict[str, Any] = {}
+    if config.anyres is not None:  # LlavaNext's do_pad pads the tile axis to the batch's most tiles
+        kind, extra = (
+            "LlavaNextImageProcessor",
+            {"image_grid_pinpoints": [list(p) for p in config.anyres.grid_pinpoints]},
+        )
     return {
-        "image_processor_type": "LlavaImageProcessor" if image.mode == "pad" else "CLIPImageProcessor",
-        "processor_class": "LlavaProcessor",
-        "do_pad": image.mode == "pad",
+        "image_processor_type": kind,
+        "processor_class": processor_class(config),
+        **extra,
+        "do_pad": image.mode == "pad" or config.anyres is not None,
         "do_convert_rgb": True,
         "do_resize": True,
         "size": {"shortest_edge": image.shortest_edge},
@@ -148,10 +187,14 @@ def preprocessor_dict(config: LlavaConfig) -> dict[str, Any]:
     }
 
 
+def processor_class(config: LlavaConfig) -> str:
+    return "LlavaProcessor" if config.anyres is None else "LlavaNextProcessor"
+
+
 def processor_dict(config: LlavaConfig) -> dict[str, Any]:
     # The processor expands <image> to (image_size / patch)^2 + 1 - (1 if strategy is "default") placeholders.
     return {
-        "processor_class": "LlavaProcessor",
+        "processor_class": processor_class(config),
         "image_token": IMAGE_TOKEN,
         "patch_size": config.vision.patch_size,
         "vision_feature_select_strategy": config.vision_feature_select_strategy,
@@ -179,6 +222,48 @@ def add_image_token(directory: Path, token_id: int) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def generation_dict(config: LlavaConfig, vocab: int, stop_ids: list[int]) -> dict[str, Any]:
+    """``generation_config.json``: how minillava generates with this checkpoint, as transformers' settings.
+
+    ``stop_ids`` are the template's stop strings that are single tokens (``<|im_end|>``); they join the EOS ids.
+    The placeholder id and the rows ``pad_vocab`` added (``vocab`` counts them) are suppressed, as minillava's
+    head never produces them.
+    """
+    t = config.text
+    carried = {k: v for k, v in config.generation.items() if k not in MINILLAVA_ONLY_SETTINGS}
+    defaults = GenerationConfig()
+    eos = list(t.eos_token_id) if isinstance(t.eos_token_id, list) else [t.eos_token_id]
+    eos = [i for i in eos if i is not None]
+    eos += [i for i in stop_ids if i not in eos]
+    # minillava's pad id for finished rows: the checkpoint's generation pad, else the decoder's, else the EOS.
+    pads = [p for p in (carried.get("pad_token_id"), t.pad_token_id) if isinstance(p, int)]
+    pad = pads[0] if pads else eos[0] if eos else None
+    out: dict[str, Any] = {"bos_token_id": t.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos}
+    out["pad_token_id"] = pad
+    out.update({k: v for k, v in carried.items() if k not in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    temperature = carried.get("temperature") or 0.0
+    if temperature > 0:
+        # minillava samples from every token unless top_k is set; transformers' default is top_k=50.
+        out.update(do_sample=True, temperature=temperature, top_k=carried.get("top_k") or 0)
+    else:
+        out["do_sample"] = False
+        for key in ("temperature", "top_p", "top_k"):
+            out.pop(key, None)  # transformers warns about sampling settings that greedy decoding ignores
+    out.setdefault("max_new_tokens", defaults.max_new_tokens)
+    suppressed = {config.image_token_id, *range(t.vocab_size, vocab)} | set(carried.get("suppress_tokens") or [])
+    out["suppress_tokens"] = sorted(i for i in suppressed if 0 <= i < vocab)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def chat_template_source(template: ChatTemplate, tokenizer: Tokenizer | None) -> str:
+    """``chat_template.jinja`` for ``template``, with what the tokenizer needs after ``<image>`` (nothing, when the
+    tokenizer cannot say or gives other ids either way)."""
+    suffix = None
+    if tokenizer is not None and tokenizer.token_to_id(IMAGE_TOKEN) is not None:
+        suffix = image_suffix_for(tokenizer)
+    return jinja_chat_template(template, suffix or "")
+
+
 def _hf_tensors(
     path: Path, planned: list[Planned], dtype: torch.dtype | None, vocab: int
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -201,6 +286,7 @@ def export_hf(
     force: bool = False,
     pad_vocab: bool = False,
     progress: ProgressFn | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Write the minillava checkpoint ``src`` to ``dst`` in the llava-hf layout, atomically; return its config.json.
 
@@ -212,6 +298,7 @@ def export_hf(
         force: replace a non-empty ``dst`` once the new one is complete.
         pad_vocab: grow the vocabulary when the placeholder id lies outside it (else that is refused).
         progress: called as ``progress(i, n, path)`` before each source file.
+        allow_nonfinite: write floating tensors holding NaN or infinite values (refused by default, naming them).
     """
     src = Path(src)
     source = MinillavaSource(src)
@@ -235,20 +322,23 @@ def export_hf(
     llm_dtype = next(d for name, _, d in entries if name == HF_V4.to_theirs("llm.embed_tokens.weight"))
     hf_config = hf_config_dict(config, vocab, llm_dtype)
     sources = [(path, functools.partial(_hf_tensors, path, planned, dtype, vocab)) for path, planned in files]
-    with atomic_directory(dst, force=force) as tmp:
-        write_shards(tmp, entries, sources, max_shard_bytes, progress)
+    with atomic_directory(dst, force=force, sources=[src]) as tmp:
+        write_shards(tmp, entries, sources, max_shard_bytes, progress, allow_nonfinite)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_dict(config), indent=2) + "\n")
         (tmp / "processor_config.json").write_text(json.dumps(processor_dict(config), indent=2) + "\n")
-        generation = dict(config.generation) or {
-            "bos_token_id": config.text.bos_token_id,
-            "eos_token_id": config.text.eos_token_id,
-            "pad_token_id": config.text.pad_token_id,
-        }
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        for name in TOKENIZER_FILES:
+        tokenizer_files = [name for name in TOKENIZER_FILES if name not in CHAT_TEMPLATE_FILES]
+        for name in tokenizer_files:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        if vocab != config.text.vocab_size and any((tmp / name).is_file() for name in TOKENIZER_FILES):
-            add_image_token(tmp, config.image_token_id)
+        tokenizer = None
+        if any((tmp / name).is_file() for name in tokenizer_files):
+            if vocab != config.text.vocab_size:
+                add_image_token(tmp, config.image_token_id)
+            tokenizer = Tokenizer.from_dir(tmp)
+        template = get_template(config.chat_template or default_template_for(src.resolve(), config.source_layout))
+        stop_ids = [] if tokenizer is None else [tokenizer.token_to_id(s) for s in template.stop_strings]
+        generation = generation_dict(config, vocab, [i for i in stop_ids if i is not None])
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        (tmp / "chat_template.jinja").write_text(chat_template_source(template, tokenizer))
     return hf_config

@@ -11,6 +11,8 @@ real tokens (left padding, or a request that joined a serving batch late) has it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -134,6 +136,35 @@ class KVCache:
         self.mask[row, end - n : end] = other.mask[0, :n]
         self.padded = True
         self.filled = max(self.filled, end)
+
+    def compact(self, rows: Sequence[int] | None = None) -> None:
+        """Drop the masked slots: each of ``rows`` (default: every row) keeps its real slots, in order, moved to end
+        at the new :attr:`filled`, which becomes the most real slots any kept row has; the other rows are emptied.
+
+        RoPE positions count a row's real slots only, so every moved key keeps its meaning. A serving batch calls
+        this when its shared column nears the end of the buffers: rows that joined late, or finished, leave slots
+        that no remaining row uses.
+        """
+        keep = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
+        if rows is None:
+            keep[:] = True
+        else:
+            rows = list(rows)
+            if any(isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < self.batch for r in rows):
+                raise ValueError(f"rows must be row indices in [0, {self.batch}), got {rows!r}")
+            keep[rows] = True
+        real = self.mask[:, : self.filled] & keep[:, None]
+        end = int(real.sum(dim=1).max())
+        # A stable sort of each row's mask puts its masked slots first and its real ones last, in their order; the
+        # last ``end`` indices of every row then cover all of its real slots.
+        order = torch.sort(real.to(torch.uint8), dim=1, stable=True).indices[:, self.filled - end :]
+        for buffer in self.keys + self.values:
+            batch, heads, _, dim = buffer.shape
+            buffer[:, :, :end] = buffer.gather(2, order[:, None, :, None].expand(batch, heads, end, dim))
+        self.mask[:, :end] = real.gather(1, order)
+        self.mask[:, end:] = False
+        self.filled = end
+        self.padded = not bool(self.mask[:, :end].all())
 
 
 def _extend(buffer: torch.Tensor, length: int, keep: int) -> torch.Tensor:

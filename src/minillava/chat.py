@@ -240,13 +240,16 @@ def model_name_from_path(name_or_path: str | os.PathLike) -> str:
     return parts[-1]
 
 
-def default_template_for(name_or_path: str | os.PathLike, layout: str | None = None) -> str:
+def default_template_for(
+    name_or_path: str | os.PathLike, layout: str | None = None, text_model_type: str | None = None
+) -> str:
     """The template a checkpoint was trained with, by original LLaVA's CLI rule.
 
     ``layout`` is the source layout of the weights: llava-hf checkpoints (any layout name containing ``hf``) use
     ``llava_hf``. Otherwise the model name decides, as in LLaVA's ``cli.py``: ``llama-2`` → ``llava_llama_2``,
     ``mistral`` → ``mistral_instruct``, ``v1.6-34b`` → ``chatml_direct``, ``v1`` → ``llava_v1``. Names matching
-    none of these fall back to ``llava_v1`` (the CLI's own fallback, ``llava_v0``, is a LLaVA-1.0 template that
+    none of these fall back to ``mistral_instruct`` when ``text_model_type`` is ``mistral`` (a renamed
+    llava-v1.6-mistral), else to ``llava_v1`` (the CLI's own fallback, ``llava_v0``, is a LLaVA-1.0 template that
     minillava does not ship).
     """
     if layout is not None and "hf" in layout.lower().replace("-", "_").split("_"):
@@ -254,7 +257,7 @@ def default_template_for(name_or_path: str | os.PathLike, layout: str | None = N
     name = model_name_from_path(name_or_path).lower()
     if "llama-2" in name:
         return "llava_llama_2"
-    if "mistral" in name:
+    if "mistral" in name or ("v1" not in name and text_model_type == "mistral"):
         return "mistral_instruct"
     if "v1.6-34b" in name:
         return "chatml_direct"

@@ -20,15 +20,16 @@ import torch
 from . import quant
 from .chat import default_template_for
 from .config import LlavaConfig
+from .device import resolve_device
+from .folders import atomic_directory
+from .hub import resolve
 from .layouts import detect, load_source
-from .layouts.source import build_empty, cast
+from .layouts.source import build_empty, cast, cast_dtype, plan
 from .model import Llava
 from .safetensors_io import (
     DEFAULT_SHARD_BYTES,
-    atomic_directory,
     dtype_name,
-    safetensors_files,
-    safetensors_header,
+    weights_dtype,
     write_state,
 )
 
@@ -55,15 +56,26 @@ def carried_files(directory: str | os.PathLike) -> list[Path]:
     return [directory / name for name in CARRIED_FILES if (directory / name).is_file()]
 
 
+def _source(path: str | os.PathLike, vision_tower: str | os.PathLike | None):
+    """The layout reader of a checkpoint directory or hub id (and of the CLIP tower's, for original LLaVA)."""
+    return detect(resolve(path), None if vision_tower is None else resolve(vision_tower))
+
+
 def load_config(path: str | os.PathLike, vision_tower: str | os.PathLike | None = None) -> LlavaConfig:
-    """The ``LlavaConfig`` of a checkpoint directory of any layout, as :func:`load` builds the model from it (image
-    settings, placeholder id, chat template and generation defaults included)."""
-    return detect(Path(path), vision_tower).config()
+    """The ``LlavaConfig`` of a checkpoint directory of any layout (or hub id), as :func:`load` builds the model
+    from it (image settings, placeholder id, chat template and generation defaults included)."""
+    return _source(path, vision_tower).config()
+
+
+def weights_bytes(path: str | os.PathLike) -> int:
+    """The size of a checkpoint directory's weight files (safetensors or ``.bin``), for messages."""
+    directory = Path(path)
+    return sum(p.stat().st_size for p in directory.iterdir() if p.suffix in (".safetensors", ".bin"))
 
 
 def load(
     path: str | os.PathLike,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     vision_tower: str | os.PathLike | None = None,
     quantize: str | None = None,
@@ -75,16 +87,18 @@ def load(
 
     Args:
         path: a directory written by ``python -m weights_convert`` or :func:`minillava.save`, or a llava-hf /
-            original LLaVA checkpoint directory.
-        dtype: cast floating weights to this dtype (default: keep the stored dtype).
-        device: where the weights go.
+            original LLaVA checkpoint directory, or a Hugging Face hub id such as ``llava-hf/llava-1.5-7b-hf``
+            (:mod:`minillava.hub`).
+        dtype: cast floating weights to this dtype (``torch.bfloat16`` or its name ``"bfloat16"``; default: keep
+            the stored dtype).
+        device: where the weights go: a torch device, or ``"auto"`` (:func:`minillava.device.resolve_device`).
         vision_tower: for an original LLaVA directory whose weights lack the vision tower, the CLIP checkpoint
-            directory to take it from.
+            directory (or hub id) to take it from.
         quantize: ``"int8"`` or ``"int4"``: quantise the decoder's linear layers while loading (weight-only, see
             :mod:`minillava.quant`), a block of rows at a time, so memory never holds them in full precision. A
             checkpoint written quantised (``python -m weights_convert --quantize``) loads as it is.
     """
-    return load_source(detect(Path(path), vision_tower), dtype, device, quantize)
+    return load_source(_source(path, vision_tower), weights_dtype(dtype), resolve_device(device), quantize)
 
 
 def write_checkpoint(
@@ -122,17 +136,19 @@ def save(
             shutil.copy2(extra, tmp / Path(extra).name)
 
 
-def describe_checkpoint(path: str | os.PathLike) -> dict:
-    """What ``minillava info`` prints, from ``config.json`` and the safetensors headers (no weights are read)."""
-    path = Path(path)
-    config = LlavaConfig.load(path)
+def describe_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike | None = None) -> dict:
+    """What ``minillava info`` prints, for a checkpoint of any layout (or hub id), from its config and the weight
+    files' headers (no weights are read; a ``.bin`` pickle is mapped for its tensors' shapes)."""
+    source = _source(path, vision_tower)
+    path = source.directory
+    config = source.config()
     parts = {"vision": 0, "projector": 0, "llm": 0}
     dtypes: dict[str, int] = {}
-    for file in safetensors_files(path):
-        for name, (meta, _) in safetensors_header(file).items():
-            part = name.split(".", 1)[0]
-            parts[part] = parts.get(part, 0) + meta.numel
-            dtypes[dtype_name(meta.dtype)] = dtypes.get(dtype_name(meta.dtype), 0) + meta.numel
+    for _, planned in plan(source, config):
+        for p in planned:
+            part, dtype = p.ours.split(".", 1)[0], dtype_name(cast_dtype(p.meta.dtype, p.target(None)))
+            parts[part] = parts.get(part, 0) + p.meta.numel
+            dtypes[dtype] = dtypes.get(dtype, 0) + p.meta.numel
     if config.quantization:
         # Parameters as the full-precision model counts them (not bytes of codes, nor the scales).
         full = build_empty(dataclasses.replace(config, quantization=None)).state_dict()
@@ -153,6 +169,7 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
         "image_mode": config.image.mode,
         "tokens_per_image": config.num_image_tokens,
         "image_token_id": config.image_token_id,
+        "anyres": None if config.anyres is None else dataclasses.asdict(config.anyres),
         "template": config.chat_template or default_template_for(path.resolve(), config.source_layout),
         "eos_token_id": t.eos_token_id,
     }

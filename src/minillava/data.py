@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from .image import check_image_count
+from .image import check_image_count, pad_tiles
 from .labels import TokenizationMismatch, supervised_segments, training_example
 from .model import IGNORE_INDEX
 from .tokenizer import IMAGE_MARKER, pad_batch
@@ -183,8 +184,20 @@ class LlavaDataset(Dataset):
 
     @property
     def lengths(self) -> list[int]:
-        """A cheap length estimate per sample (words of all turns), to group similar lengths into batches."""
-        return [sum(len(m["content"].split()) for m in messages) for _, messages, _ in self.samples]
+        """A cheap length estimate per sample (words of all turns), to group similar lengths into batches. With
+        LLaVA-1.6 tiling an image's placeholders vary from about 1,200 to 2,900, so there each image's count is
+        added, from its size in the file header (no pixels are decoded)."""
+        words = [sum(len(m["content"].split()) for m in messages) for _, messages, _ in self.samples]
+        if self.processor.image_config.mode != "anyres":
+            return words
+        return [n + sum(map(self._image_tokens, paths)) for n, (_, _, paths) in zip(words, self.samples, strict=True)]
+
+    def _image_tokens(self, path: Path) -> int:
+        try:
+            with Image.open(path) as image:
+                return self.processor.image_tokens(image.height, image.width)
+        except (OSError, ValueError, SyntaxError):
+            return self.processor.num_image_tokens  # a bad file is reported when its sample is read
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         sample_id, messages, paths = self.samples[index]
@@ -237,6 +250,7 @@ class Collator:
     Returns ``input_ids``/``labels``/``attention_mask`` ``[B, L]`` (padding: ``pad_token_id``, ``-100``, 0),
     ``pixel_values`` ``[N, 3, S, S]`` (or ``None``), the sample ``ids`` and ``skipped`` (samples that
     came back as ``None`` because they were bad). A batch whose samples were all skipped has ``B = 0``.
+    LLaVA-1.6 samples give ``pixel_values`` ``[N, max_tiles, 3, S, S]`` and ``image_sizes`` ``[N, 2]``.
     """
 
     def __init__(self, pad_token_id: int) -> None:
@@ -250,11 +264,16 @@ class Collator:
         else:  # every sample of the batch was skipped
             input_ids = labels = mask = torch.zeros((0, 0), dtype=torch.long)
         pixels = [item["pixel_values"] for item in good if item["pixel_values"] is not None]
-        return {
+        sizes = [item["image_sizes"] for item in good if item.get("image_sizes") is not None]
+        batch = {
             "input_ids": input_ids,
             "labels": labels,
             "attention_mask": mask,
-            "pixel_values": torch.cat(pixels) if pixels else None,
+            "pixel_values": torch.cat(pixels) if pixels and not sizes else None,
             "ids": [item["id"] for item in good],
             "skipped": len(items) - len(good),
         }
+        if sizes:  # LLaVA-1.6 tiles: pad every image to the batch's most tiles
+            batch["pixel_values"] = pad_tiles([tiles for stack in pixels for tiles in stack])
+            batch["image_sizes"] = torch.cat(sizes)
+        return batch

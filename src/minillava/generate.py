@@ -8,7 +8,8 @@ for one row of logits. Positions, masks and the image splice are the model's bus
 
 A batch is left-padded. A row that finishes (EOS, or a stop condition of the caller) keeps being fed the pad id;
 attention is per row, so it cannot influence the others. The image placeholder id is never generated (its logit
-is masked): it would otherwise come back as a marker in the next turn's prompt.
+is masked): it would otherwise come back as a marker in the next turn's prompt. Logits that stop being finite
+(NaN weights or pixels, a float16 overflow) raise an error instead of producing token 0 over and over.
 
 Sampling follows transformers' semantics (temperature divides the logits, then top-k, then top-p keeps the
 smallest set whose probability reaches ``top_p``), and draws with the exponential-race trick (``argmax p / E``
@@ -176,6 +177,7 @@ def _check_inputs(
     pixel_values: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     past: int,
+    image_sizes: torch.Tensor | None = None,
 ) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         shape = list(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -193,15 +195,28 @@ def _check_inputs(
             )
     if pixel_values is not None:
         v = model.config.vision
+        tiles = "tiles, " if image_sizes is not None else ""
         want = (v.num_channels, v.image_size, v.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
+        if pixel_values.dim() != (5 if tiles else 4) or tuple(pixel_values.shape[-3:]) != want:
             raise ValueError(
-                f"pixel_values must be [N, {want[0]}, {want[1]}, {want[2]}], got {list(pixel_values.shape)}"
+                f"pixel_values must be [N, {tiles}{v.num_channels}, {v.image_size}, {v.image_size}], "
+                f"got {list(pixel_values.shape)}"
+            )
+        bad = int((~pixel_values.isfinite()).sum())
+        if bad:
+            raise ValueError(
+                f"pixel_values hold {bad} NaN or infinite value(s); preprocess the images with the checkpoint's "
+                "processor (minillava.load_processor)"
             )
     config = model.config
     placeholders = int((input_ids == config.image_token_id).sum())
     images = 0 if pixel_values is None else pixel_values.shape[0]
-    check_image_count(placeholders, images, per_image=config.num_image_tokens, placeholder_id=config.image_token_id)
+    per_image: int | list[int] = config.num_image_tokens
+    if image_sizes is not None and pixel_values is not None:
+        if tuple(image_sizes.shape) != (images, 2):
+            raise ValueError(f"image_sizes must be [{images}, 2] (height, width), got {list(image_sizes.shape)}")
+        per_image = [config.anyres_token_count(h, w) for h, w in image_sizes.tolist()]
+    check_image_count(placeholders, images, per_image=per_image, placeholder_id=config.image_token_id)
 
 
 def stream_generate(
@@ -214,6 +229,7 @@ def stream_generate(
     cache: KVCache | None = None,
     compile: bool = False,
     should_stop: StopHook | None = None,
+    image_sizes: torch.Tensor | None = None,
     **overrides,
 ) -> Iterator[torch.Tensor]:
     """Generate after ``input_ids``, yielding each step's tokens ``[B]`` as they come (finished rows get the pad
@@ -228,7 +244,7 @@ def stream_generate(
     config = settings(config, **overrides)
     eos_ids = resolve_eos(model, config.eos_token_id)
     past = 0 if cache is None else cache.filled
-    _check_inputs(model, input_ids, pixel_values, attention_mask, past)
+    _check_inputs(model, input_ids, pixel_values, attention_mask, past, image_sizes)
     batch, length = input_ids.shape
     if cache is not None and cache.batch != batch:
         raise ValueError(f"the KV cache has {cache.batch} rows but input_ids has {batch}")
@@ -253,7 +269,7 @@ def stream_generate(
         with torch.no_grad():
             cache.grow(total)
     step = _compiled_step(model) if compile else None
-    return _loop(model, input_ids, pixel_values, attention_mask, config, eos_ids, cache, step, should_stop)
+    return _loop(model, input_ids, pixel_values, attention_mask, config, eos_ids, cache, step, should_stop, image_sizes)
 
 
 def _compiled_step(model: Llava) -> Callable:
@@ -275,6 +291,7 @@ def _loop(
     cache: KVCache,
     compiled_step: Callable | None,
     should_stop: StopHook | None,
+    image_sizes: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     device = cache.device
     batch = input_ids.shape[0]
@@ -287,9 +304,17 @@ def _loop(
     image_id = model.config.image_token_id
     vocab = model.config.text.vocab_size
 
-    def pick(logits: torch.Tensor) -> torch.Tensor:
+    def pick(logits: torch.Tensor, index: int) -> torch.Tensor:
         """The next token per row; finished rows get the pad id; rows that finish now are marked."""
         logits = logits.float()
+        broken = ~logits.isfinite().all(dim=-1) & ~finished
+        if bool(broken.any()):
+            raise ValueError(
+                f"the model gave NaN or infinite logits at generated token {index + 1} (rows "
+                f"{broken.nonzero().flatten().tolist()}): its weights or inputs hold NaN or infinite values, or "
+                "float16 overflowed. Check the checkpoint (python -m weights_convert names non-finite weights), or "
+                "run in bfloat16 or float32"
+            )
         if 0 <= image_id < vocab:
             logits[:, image_id] = float("-inf")
         token = sample_next(logits, config.temperature, config.top_k, config.top_p, generator)
@@ -308,8 +333,9 @@ def _loop(
         None if attention_mask is None else attention_mask.to(device),
         past_key_values=cache,
         logits_to_keep=1,
+        image_sizes=image_sizes,
     )
-    token = pick(out.logits[:, -1])
+    token = pick(out.logits[:, -1], 0)
     input_pos = torch.tensor([cache.filled], device=device) if compiled_step is not None else None
     for step in range(config.max_new_tokens):
         yield token
@@ -323,7 +349,7 @@ def _loop(
         else:
             embeds = model.llm.embed_tokens(token[:, None])
             logits = model(inputs_embeds=embeds, past_key_values=cache, logits_to_keep=1).logits[:, -1]
-        token = pick(logits)
+        token = pick(logits, step + 1)
 
 
 def generate(
@@ -335,6 +361,7 @@ def generate(
     *,
     cache: KVCache | None = None,
     compile: bool = False,
+    image_sizes: torch.Tensor | None = None,
     **overrides,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids``.
@@ -342,7 +369,8 @@ def generate(
     Args:
         model: a :class:`~minillava.model.Llava`.
         input_ids: [B, T] prompt ids, left-padded, with ``config.num_image_tokens`` placeholders per image.
-        pixel_values: [N, 3, S, S], the images in placeholder order across the batch, or None.
+        pixel_values: [N, 3, S, S], the images in placeholder order across the batch, or None; LLaVA-1.6 tiles
+            [N, T, 3, S, S] with ``image_sizes``.
         attention_mask: [B, T], 1 for real tokens, 0 for (left) padding; None means no padding. With a filled
             ``cache``, [B, cached + T] as in ``forward``.
         config: a :class:`GenerationConfig`; keyword arguments (``max_new_tokens=``, ``temperature=``, ...)
@@ -351,6 +379,7 @@ def generate(
             holds); it grows if it lacks room, and holds every fed token afterwards. None: a new one.
         compile: run each decode step through ``torch.compile(model.decode_step, fullgraph=True)``. The first
             call compiles (seconds to a minute); later calls with the same cache size reuse it.
+        image_sizes: [N, 2] (height, width) of LLaVA-1.6 images, as the processor returns them.
 
     Returns:
         The new tokens only, ``[B, n_new]`` with ``n_new <= max_new_tokens`` (generation ends when every row has
@@ -362,6 +391,14 @@ def generate(
             ``attention_mask``.
     """
     steps = stream_generate(
-        model, input_ids, pixel_values, attention_mask, config, cache=cache, compile=compile, **overrides
+        model,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        config,
+        cache=cache,
+        compile=compile,
+        image_sizes=image_sizes,
+        **overrides,
     )
     return torch.stack(list(steps), dim=1)

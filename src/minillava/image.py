@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .anyres import best_resolution, fitted_size
 from .config import ImageConfig
 from .tokenizer import IMAGE_MARKER
 
@@ -64,24 +65,34 @@ def image_list(images: ImageInput | Sequence[ImageInput] | None) -> list[ImageIn
 
 
 def check_image_count(
-    found: int, images: int, where: str = "", per_image: int = 1, placeholder_id: int | None = None
+    found: int,
+    images: int,
+    where: str = "",
+    per_image: int | Sequence[int] = 1,
+    placeholder_id: int | None = None,
 ) -> None:
     """Raise a ``ValueError`` naming both counts unless every image has its place: one ``<image>`` marker in the
-    text per image, or (with ``placeholder_id``) ``per_image`` placeholder ids in ``input_ids`` per image.
+    text per image, or (with ``placeholder_id``) ``per_image`` placeholder ids in ``input_ids`` per image (a list
+    gives each image its own count, as LLaVA-1.6's tiling does).
 
     ``where`` starts the message (``"prompt 1: "``, ``"sample 'a': "``).
     """
-    if found == images * per_image:
+    counts = [per_image] * images if isinstance(per_image, int) else list(per_image)
+    if found == sum(counts):
         return
     if placeholder_id is None:
         raise ValueError(
             f"{where}{found} {IMAGE_MARKER} marker(s) but {images} image(s); write one {IMAGE_MARKER} per image, "
             "in the order of the images"
         )
-    each = f" ({per_image} per image)" if images else ""
+    each = ""
+    if images and isinstance(per_image, int):
+        each = f" ({per_image} per image)"
+    elif images:
+        each = f" ({', '.join(map(str, counts))} in order)"
     raise ValueError(
         f"{where}input_ids hold {found} image placeholders (id {placeholder_id}) but {images} image(s) give "
-        f"{images * per_image} feature rows{each}; each image needs exactly as many placeholders as it gives rows"
+        f"{sum(counts)} feature rows{each}; each image needs exactly as many placeholders as it gives rows"
     )
 
 
@@ -159,14 +170,23 @@ def resize_shortest_edge(width: int, height: int, shortest_edge: int) -> tuple[i
 def pixel_values(
     image: Image.Image, config: ImageConfig, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str = ""
 ) -> torch.Tensor:
-    """One RGB image to a float32 ``[3, crop_size, crop_size]`` tensor."""
+    """One RGB image to a float32 ``[3, crop_size, crop_size]`` tensor (``crop`` and ``pad`` modes)."""
     name = name or describe(image)
     if image.mode != "RGB":
         raise ValueError(f"{name}: expected an RGB image, got mode {image.mode}; use load_image")
+    if config.mode == "anyres":
+        raise ValueError(f"{name}: anyres images become several tiles; use anyres_pixel_values")
     if config.mode == "pad":
         side = max(image.size)
         _check_pixels(name, side, side, max_pixels, "the padded square")
         image = expand_to_square(image, tuple(int(x * 255) for x in config.mean))
+    return clip_transform(image, config, max_pixels, name)
+
+
+def clip_transform(
+    image: Image.Image, config: ImageConfig, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str = ""
+) -> torch.Tensor:
+    """CLIP's transform of one RGB image: shortest edge resized, centre crop, rescale, normalise; ``[3, S, S]``."""
     width, height = resize_shortest_edge(image.width, image.height, config.shortest_edge)
     _check_pixels(name, width, height, max_pixels, "the resized image")
     image = image.resize((width, height), resample=Image.Resampling(config.resample), reducing_gap=None)
@@ -192,6 +212,41 @@ def pixel_values(
     return ((scaled - mean) / std).contiguous()
 
 
+def anyres_pixel_values(
+    image: Image.Image,
+    config: ImageConfig,
+    pinpoints: Sequence[tuple[int, int]],
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    name: str = "",
+) -> torch.Tensor:
+    """One RGB image to its LLaVA-1.6 tiles, float32 ``[1 + rows * cols, 3, S, S]``: the whole image resized to
+    ``shortest_edge`` squared (aspect ratio not kept), then the grid tiles row by row.
+
+    The grid: the image is resized (bicubic, aspect ratio kept) to fit the best canvas of ``pinpoints``
+    (:func:`~minillava.anyres.best_resolution`), centred on a black canvas (an odd pixel of padding goes to the
+    right or bottom) and cut into ``crop_size`` tiles. Each tile then goes through the CLIP transform.
+    """
+    name = name or describe(image)
+    if image.mode != "RGB":
+        raise ValueError(f"{name}: expected an RGB image, got mode {image.mode}; use load_image")
+    resample = Image.Resampling(config.resample)
+    canvas_size = best_resolution(image.height, image.width, pinpoints)
+    _check_pixels(name, canvas_size[1], canvas_size[0], max_pixels, "the tile canvas")
+    fit_h, fit_w = fitted_size(image.height, image.width, canvas_size)
+    canvas = Image.new("RGB", (canvas_size[1], canvas_size[0]), (0, 0, 0))
+    canvas.paste(
+        image.resize((fit_w, fit_h), resample=resample, reducing_gap=None),
+        ((canvas_size[1] - fit_w) // 2, (canvas_size[0] - fit_h) // 2),
+    )
+    side = config.shortest_edge
+    tiles = [image.resize((side, side), resample=resample, reducing_gap=None)]
+    tile = config.crop_size
+    for top in range(0, canvas_size[0], tile):
+        for left in range(0, canvas_size[1], tile):
+            tiles.append(canvas.crop((left, top, left + tile, top + tile)))
+    return torch.stack([clip_transform(t, config, max_pixels, name) for t in tiles])
+
+
 def preprocess(
     images: ImageInput | Sequence[ImageInput], config: ImageConfig, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> torch.Tensor:
@@ -204,3 +259,35 @@ def preprocess(
     if not out:
         return torch.empty((0, 3, config.crop_size, config.crop_size), dtype=torch.float32)
     return torch.stack(out)
+
+
+def pad_tiles(stacks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-image tile stacks ``[T_i, 3, S, S]`` -> ``[N, max T_i, 3, S, S]``, zero tiles after each image's own
+    (the layout transformers' ``LlavaNextImageProcessor`` returns; the model reads each image's tile count off its
+    size and never looks at the padding)."""
+    most = max(t.shape[0] for t in stacks)
+    out = stacks[0].new_zeros((len(stacks), most, *stacks[0].shape[1:]))
+    for i, t in enumerate(stacks):
+        out[i, : t.shape[0]] = t
+    return out
+
+
+def preprocess_anyres(
+    images: Sequence[ImageInput],
+    config: ImageConfig,
+    pinpoints: Sequence[tuple[int, int]],
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load and tile images for LLaVA-1.6: ``pixel_values`` float32 ``[N, max_tiles, 3, S, S]`` (see
+    :func:`pad_tiles`) and ``image_sizes`` int64 ``[N, 2]`` as ``(height, width)``; ``N`` must be at least 1."""
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):
+        images = [images]
+    if not images:
+        raise ValueError("no images to preprocess")
+    stacks, sizes = [], []
+    for i, image in enumerate(images):
+        name = describe(image) if len(images) == 1 else f"image {i} ({describe(image)})"
+        rgb = load_image(image, max_pixels, name)
+        stacks.append(anyres_pixel_values(rgb, config, pinpoints, max_pixels, name))
+        sizes.append((rgb.height, rgb.width))
+    return pad_tiles(stacks), torch.tensor(sizes, dtype=torch.int64)

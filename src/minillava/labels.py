@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .chat import ChatTemplate, get_template
-from .image import ImageInput, check_image_count, image_list, load_image, pixel_values
+from .image import ImageInput, anyres_pixel_values, check_image_count, image_list, load_image, pad_tiles, pixel_values
 from .model import IGNORE_INDEX
 from .tokenizer import IMAGE_MARKER
 
@@ -86,13 +86,17 @@ def supervised_segments(
 
 
 def encode_supervised(
-    processor, segments: Sequence[tuple[str, bool]], sample_id: object = None
+    processor, segments: Sequence[tuple[str, bool]], sample_id: object = None, image_tokens: Sequence[int] | None = None
 ) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of alternating pieces; raises :class:`TokenizationMismatch` naming the sample."""
+    """``(input_ids, labels)`` of alternating pieces; raises :class:`TokenizationMismatch` naming the sample.
+
+    ``image_tokens``: each image's placeholder count, in order (default: ``num_image_tokens`` each).
+    """
     tok = processor.tokenizer
-    k, image_id = processor.num_image_tokens, processor.image_token_id
+    image_id = processor.image_token_id
     text = "".join(t for t, _ in segments)
-    ids = tok.encode(text, k, image_id)
+    counts = list(image_tokens) if image_tokens is not None else [processor.num_image_tokens] * text.count(IMAGE_MARKER)
+    ids = tok.encode(text, counts, image_id)
     labels = [IGNORE_INDEX] * len(ids)
     prefix = ""
     start = 0
@@ -100,7 +104,7 @@ def encode_supervised(
         prefix += piece
         end = len(ids)
         if i < len(segments) - 1:
-            prefix_ids = tok.encode(prefix, k, image_id)
+            prefix_ids = tok.encode(prefix, counts[: prefix.count(IMAGE_MARKER)], image_id)
             end = len(prefix_ids)
             if prefix_ids != ids[:end]:
                 pairs = enumerate(zip(prefix_ids, ids, strict=False))
@@ -121,25 +125,29 @@ def encode_supervised(
 
 
 def truncate(
-    input_ids: list[int], labels: list[int], max_length: int, image_token_id: int, num_image_tokens: int
+    input_ids: list[int],
+    labels: list[int],
+    max_length: int,
+    image_token_id: int,
+    num_image_tokens: int | Sequence[int],
 ) -> tuple[list[int], list[int], int]:
     """Cut to ``max_length`` tokens without cutting through an image's placeholders.
 
-    Returns ``(input_ids, labels, images_kept)``: an image whose placeholders would be cut is dropped
-    whole, and so is every image after it.
+    ``num_image_tokens`` is K, or each image's placeholder count in order (LLaVA-1.6 images differ). Returns
+    ``(input_ids, labels, images_kept)``: an image whose placeholders would be cut is dropped whole, and so is
+    every image after it.
     """
+    places = [i for i, t in enumerate(input_ids) if t == image_token_id]
+    if isinstance(num_image_tokens, int):
+        num_image_tokens = [num_image_tokens] * (len(places) // num_image_tokens)
+    spans, first = [], 0
+    for n in num_image_tokens:  # image i takes the next n placeholders, one run
+        spans.append((places[first], places[first + n - 1] + 1))
+        first += n
     if len(input_ids) <= max_length:
-        return input_ids, labels, sum(t == image_token_id for t in input_ids) // num_image_tokens
-    cut = max_length
-    # Walk back to the start of a placeholder run the cut falls inside.
-    if input_ids[cut - 1] == image_token_id and input_ids[cut] == image_token_id:
-        start = cut
-        while start > 0 and input_ids[start - 1] == image_token_id:
-            start -= 1
-        # Runs are whole multiples of K (adjacent images); keep the whole images before the cut.
-        cut = start + ((cut - start) // num_image_tokens) * num_image_tokens
-    kept = input_ids[:cut]
-    return kept, labels[:cut], sum(t == image_token_id for t in kept) // num_image_tokens
+        return input_ids, labels, len(spans)
+    cut = next((start for start, end in spans if start < max_length < end), max_length)
+    return input_ids[:cut], labels[:cut], sum(end <= cut for _, end in spans)
 
 
 def training_example(
@@ -152,10 +160,12 @@ def training_example(
     max_length: int | None = None,
     refuse_long: bool = False,
 ) -> dict[str, torch.Tensor | None]:
-    """One training sample: ``input_ids``, ``labels`` (int64 ``[L]``) and ``pixel_values`` (``[N, 3, S, S]`` or None).
+    """One training sample: ``input_ids``, ``labels`` (int64 ``[L]``) and ``pixel_values`` (``[N, 3, S, S]`` or None;
+    for LLaVA-1.6 anyres images ``[N, tiles, 3, S, S]`` with ``image_sizes`` ``[N, 2]``).
 
     Only the assistant turns, each with its end-of-turn separator, are supervised; prompts and image
-    placeholders are ``-100``. Each ``<image>`` marker becomes ``K`` placeholder ids, in image order.
+    placeholders are ``-100``. Each ``<image>`` marker becomes its image's placeholder ids (``K``, or an anyres
+    image's count), in image order.
 
     Args:
         processor: a :class:`~minillava.processor.Processor` (tokenizer, placeholder id and ``K``, image settings).
@@ -183,7 +193,13 @@ def training_example(
         raise ValueError(f"{name}: {err}") from None
     if tpl.layout == "plain":
         check_image_count(segments[0][0].count(IMAGE_MARKER), len(images), f"{name}: ")
-    ids, labels = encode_supervised(processor, segments, sample_id)
+    loaded = []
+    for i, image in enumerate(images):
+        where = f"{name}, image {i} ({image if isinstance(image, (str, os.PathLike)) else type(image).__name__})"
+        # load_image raises FileNotFoundError / ImageDecodeError (OSError) naming the sample and the file.
+        loaded.append((load_image(image, processor.max_pixels, name=where), where))
+    counts = [processor.image_tokens(rgb.height, rgb.width) for rgb, _ in loaded]
+    ids, labels = encode_supervised(processor, segments, sample_id, counts)
     n_images = len(images)
     if max_length is not None and len(ids) > max_length:
         if refuse_long:
@@ -191,23 +207,24 @@ def training_example(
                 f"{name}: {len(ids)} tokens (images included) is longer than max_length {max_length}; "
                 "raise --max-length, drop the sample, or allow truncation"
             )
-        ids, labels, n_images = truncate(ids, labels, max_length, processor.image_token_id, processor.num_image_tokens)
+        ids, labels, n_images = truncate(ids, labels, max_length, processor.image_token_id, counts)
     if all(lab == IGNORE_INDEX for lab in labels[1:]):
         raise SampleTooLong(
             f"{name}: nothing supervised is left after cutting to max_length {max_length} "
             f"({len(ids)} tokens kept); raise --max-length"
         )
-    pixels = None
-    if n_images:
-        out = []
-        for i, image in enumerate(images[:n_images]):
-            where = f"{name}, image {i} ({image if isinstance(image, (str, os.PathLike)) else type(image).__name__})"
-            # load_image raises FileNotFoundError / ImageDecodeError (OSError) naming the sample and the file.
-            rgb = load_image(image, processor.max_pixels, name=where)
-            out.append(pixel_values(rgb, processor.image_config, processor.max_pixels, name=where))
-        pixels = torch.stack(out)
-    return {
+    sample = {
         "input_ids": torch.tensor(ids, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
-        "pixel_values": pixels,
+        "pixel_values": None,
     }
+    config, limit = processor.image_config, processor.max_pixels
+    if config.mode == "anyres":
+        pinpoints = processor.anyres.grid_pinpoints
+        stacks = [anyres_pixel_values(rgb, config, pinpoints, limit, name=w) for rgb, w in loaded[:n_images]]
+        sample["pixel_values"] = pad_tiles(stacks) if stacks else None
+        sizes = [(rgb.height, rgb.width) for rgb, _ in loaded[:n_images]]
+        sample["image_sizes"] = torch.tensor(sizes, dtype=torch.long) if sizes else None
+    elif n_images:
+        sample["pixel_values"] = torch.stack([pixel_values(rgb, config, limit, name=w) for rgb, w in loaded[:n_images]])
+    return sample

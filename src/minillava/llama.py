@@ -30,10 +30,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the weight, as the reference does for fp16/bf16.
-        h = x.float()
+        # Normalise in fp32 and cast back before the weight, as the reference does for fp16/bf16. (The dtype test
+        # skips two no-op casts per call, which matter to a small model's decode step.)
+        h = x if x.dtype == torch.float32 else x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * (h if x.dtype == torch.float32 else h.to(x.dtype))
 
 
 def rope_inv_freq(config: TextConfig, seq_len: int | None = None) -> torch.Tensor:
@@ -49,7 +50,9 @@ def rope_inv_freq(config: TextConfig, seq_len: int | None = None) -> torch.Tenso
     if rope_type == "dynamic" and seq_len is not None and seq_len > config.max_position_embeddings:
         factor = scaling["factor"]
         base = base * ((factor * seq_len / config.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # On the CPU even while a model is built on the meta device (the callers move the result): the meta kernels of
+    # these ops are Python code whose first call imports torch's compiler stack, seconds of a small model's load.
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     if rope_type == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif rope_type == "llama3":
@@ -76,11 +79,14 @@ class Rotary(nn.Module):
         super().__init__()
         self.config = config
         self.dynamic = (config.rope_scaling or {}).get("rope_type") == "dynamic"
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config).to(torch.get_default_device()), persistent=False)
+        self.register_buffer("sin_sign", _sin_sign(config.head_dim).to(torch.get_default_device()), persistent=False)
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
-        """Recompute ``inv_freq`` (it is not in checkpoints; after a meta-device load it must be rebuilt)."""
-        self.inv_freq = rope_inv_freq(self.config).to(device or self.inv_freq.device)
+        """Recompute the buffers (they are not in checkpoints; after a meta-device load they must be rebuilt)."""
+        device = device or self.inv_freq.device
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+        self.sin_sign = _sin_sign(self.config.head_dim).to(device)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
@@ -89,9 +95,18 @@ class Rotary(nn.Module):
             if seq_len > self.config.max_position_embeddings:
                 inv_freq = rope_inv_freq(self.config, seq_len).to(inv_freq.device)
         freqs = position_ids[..., None].float() * inv_freq
-        cos, sin = freqs.cos(), freqs.sin()
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = angles.cos(), angles.sin() * self.sin_sign
         # [B, 1, T, D]: broadcast over heads without a view per layer.
-        return torch.cat((cos, cos), dim=-1).to(dtype)[:, None], torch.cat((-sin, sin), dim=-1).to(dtype)[:, None]
+        if dtype != torch.float32:
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        return cos[:, None], sin[:, None]
+
+
+def _sin_sign(head_dim: int) -> torch.Tensor:
+    """-1 on the first half, +1 on the second: the sign :func:`apply_rotary` folds into the sin table."""
+    ones = torch.ones(head_dim // 2, device="cpu")  # on the CPU for the reason rope_inv_freq gives
+    return torch.cat((-ones, ones))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -137,8 +152,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:
-            kv[0].index_copy_(2, slots, k)
-            kv[1].index_copy_(2, slots, v)
+            # Indexed assignment (index_put_), which a compiled graph performs in place on the cache buffers.
+            kv[0][:, :, slots] = k
+            kv[1][:, :, slots] = v
             k, v = kv[0][:, :, :end], kv[1][:, :, :end]
         weights = None
         if need_weights:

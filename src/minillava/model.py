@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import anyres
 from .cache import KVCache
 from .clip import ClipVision
 from .config import LlavaConfig
@@ -37,7 +38,8 @@ class LlavaOutput:
             but the last, and the last block's output after the final norm (``lm_head(hidden_states[-1])`` is the
             logits).
         attentions: per layer ``[B, heads, T, S]`` softmax probabilities over the ``S`` slots attended.
-        image_features: ``[N, K, D]`` projector rows of the images given.
+        image_features: ``[N, K, D]`` projector rows of the images given (for LLaVA-1.6 tiles, a list of each
+            image's ``[K_i, D]`` rows after the merge).
     """
 
     logits: torch.Tensor
@@ -45,7 +47,7 @@ class LlavaOutput:
     past_key_values: KVCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-    image_features: torch.Tensor | None = None
+    image_features: torch.Tensor | list[torch.Tensor] | None = None
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -81,9 +83,22 @@ class Llava(nn.Module):
             config.projector_type, feature_size, config.text.hidden_size, bias=config.projector_bias
         )
         self.llm = Llama(config.text)
+        # LLaVA-1.6: the vector that ends every row of an image's tile map.
+        newline = config.anyres is not None and config.anyres.newline
+        self.image_newline = nn.Parameter(torch.empty(config.text.hidden_size)) if newline else None
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, S, S]`` pixels -> ``[N, K, D]`` decoder rows (K = ``config.num_image_tokens``)."""
+    def encode_images(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """``[N, 3, S, S]`` pixels -> ``[N, K, D]`` decoder rows (K = ``config.num_image_tokens``).
+
+        LLaVA-1.6 tiles ``[N, T, 3, S, S]`` with ``image_sizes`` ``[N, 2]`` (height, width) -> a list of ``[K_i, D]``,
+        one per image (see :mod:`minillava.anyres`; tiles past an image's own count are padding and never run).
+        """
+        if image_sizes is not None or pixel_values.dim() == 5:
+            tiles, counts = anyres.real_tiles(pixel_values, image_sizes, self.config)
+            rows = self.encode_images(tiles).split(counts)
+            return anyres.merge_images(rows, image_sizes, self.config, self.image_newline)
         size = self.config.vision.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (self.config.vision.num_channels, size, size):
             raise ValueError(
@@ -95,10 +110,15 @@ class Llava(nn.Module):
             features = features[:, 1:]  # drop the class-token row
         return self.projector(features)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token embeddings with the image rows spliced in at the placeholder positions: what ``forward``
         takes as ``inputs_embeds``."""
-        rows = None if pixel_values is None else self.encode_images(pixel_values)
+        rows = None if pixel_values is None else self.encode_images(pixel_values, image_sizes)
         return embed_with_images(self.llm.embed_tokens, input_ids, rows, self.config.image_token_id)
 
     def new_cache(
@@ -126,12 +146,14 @@ class Llava(nn.Module):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         logits_to_keep: int = 0,
+        image_sizes: torch.Tensor | None = None,
     ) -> LlavaOutput:
         """Logits for ``input_ids`` (or ``inputs_embeds``), optionally continuing a KV cache.
 
         Args:
             input_ids: [B, T], with K placeholders of ``config.image_token_id`` per image.
-            pixel_values: [N, 3, S, S], images in placeholder order across the batch (with ``input_ids`` only).
+            pixel_values: [N, 3, S, S], images in placeholder order across the batch (with ``input_ids`` only);
+                LLaVA-1.6 tiles [N, T, 3, S, S] come with ``image_sizes``.
             attention_mask: 1 for real tokens, 0 for padding. Without a cache [B, T]; with one, as transformers,
                 [B, past + T] over every token so far.
             labels: [B, T] token ids to predict, ``-100`` where nothing is supervised (shifted inside).
@@ -143,13 +165,14 @@ class Llava(nn.Module):
             output_hidden_states, output_attentions: also return these (see :class:`LlavaOutput`); attentions
                 take an explicit attention path, SDPA otherwise.
             logits_to_keep: compute logits only for the last this-many positions (0 = all).
+            image_sizes: [N, 2] (height, width) of each LLaVA-1.6 image, as the processor returns it.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         image_features = None
         if inputs_embeds is None:
             if pixel_values is not None:
-                image_features = self.encode_images(pixel_values)
+                image_features = self.encode_images(pixel_values, image_sizes)
             inputs_embeds = embed_with_images(
                 self.llm.embed_tokens, input_ids, image_features, self.config.image_token_id
             )
@@ -234,7 +257,7 @@ class Llava(nn.Module):
         is marked real and written; advancing the host count :attr:`KVCache.filled` is the caller's job (outside
         the compiled function).
         """
-        cache.mask.index_fill_(1, input_pos, True)
+        cache.mask[:, input_pos] = True
         positions = cache.mask.sum(dim=-1, keepdim=True) - 1  # this row's real tokens before this one
         slots = torch.arange(cache.max_len, device=input_pos.device)
         mask = (cache.mask & (slots <= input_pos))[:, None, None, :]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 
@@ -26,10 +25,16 @@ from .cache import KVCache
 from .chat import ChatTemplate, get_template
 from .checkpoint import load
 from .config import BUNDLED_MODEL
+from .device import resolve_device
 from .generate import GenerationConfig, resolve_eos, settings, stream_generate
-from .image import ImageInput, check_image_count, image_list, preprocess
-from .processor import Processor, load_processor
+from .hub import resolve
+from .image import ImageInput, check_image_count, image_list, pad_tiles
+from .processor import load_processor
+from .textrow import TextRow
 from .tokenizer import IMAGE_MARKER
+
+ANSWER_MARKER = IMAGE_MARKER.replace(">", " >")
+"""How ``<image>`` inside an earlier answer is written into later prompts: as text, never as an image marker."""
 
 
 def with_image_markers(text: str, n_images: int) -> str:
@@ -40,71 +45,16 @@ def with_image_markers(text: str, n_images: int) -> str:
     return text
 
 
-class _TextRow:
-    """One sequence's text: tokens in, final text out, cut at the first stop string.
-
-    Text that could still grow into a stop string is held back; :attr:`text` is everything released so far.
-    """
-
-    def __init__(self, processor: Processor, stop_strings: Sequence[str], eos_ids: Sequence[int]) -> None:
-        self.decoder = processor.incremental_decoder(skip_special_tokens=True)
-        self.stops = [s for s in stop_strings if s]
-        self.eos = set(eos_ids)
-        self.raw = ""  # everything decoded so far
-        self.released = 0  # characters of ``raw`` handed out
-        self.done = False
-
-    def push(self, token: int) -> bool:
-        """Add a token (ignored once done); return True when this row just finished."""
-        if self.done:
-            return False
-        if token in self.eos:
-            self.done = True
-            self.raw += self.decoder.flush()
-            self._cut()
-            return True
-        self.raw += self.decoder.push(token)
-        return self._cut()
-
-    def finish(self) -> None:
-        """End of generation (max tokens): release what was held back."""
-        if not self.done:
-            self.raw += self.decoder.flush()
-            self._cut()
-            self.done = True
-
-    def _cut(self) -> bool:
-        for stop in self.stops:
-            at = self.raw.find(stop, max(0, self.released - len(stop) + 1))
-            if at >= 0:
-                self.raw = self.raw[:at]
-                self.done = True
-                return True
-        return False
-
-    def take(self) -> str:
-        """The newly final text since the last call."""
-        end = len(self.raw)
-        if not self.done:
-            # Hold back the longest tail that is a proper prefix of a stop string.
-            for stop in self.stops:
-                for n in range(min(len(stop) - 1, len(self.raw)), 0, -1):
-                    if self.raw.endswith(stop[:n]):
-                        end = min(end, len(self.raw) - n)
-                        break
-        end = max(end, self.released)
-        piece = self.raw[self.released : end]
-        self.released = end
-        return piece
-
-
 class Pipeline:
-    """Model + processor + chat template of a converted checkpoint directory.
+    """Model + processor + chat template of a checkpoint (any layout minillava reads, or a hub id).
 
     Args:
-        path: a checkpoint directory (config.json, safetensors, tokenizer files); default: the bundled model.
-        dtype: weights' dtype (default: as stored). ``torch.bfloat16`` is how a 7B model fits a CPU machine.
-        device: where the model runs.
+        path: a checkpoint directory of any layout minillava reads, or a Hugging Face hub id such as
+            ``llava-hf/llava-1.5-7b-hf`` (:mod:`minillava.hub`); default: the bundled model.
+        dtype: weights' dtype, or its name (default: as stored). ``torch.bfloat16`` is how a 7B model fits a CPU
+            machine.
+        device: where the model runs: ``"auto"`` (a CUDA GPU when there is one, else the CPU), ``"cpu"``,
+            ``"cuda"``, ``"mps"`` or a ``torch.device`` (:func:`minillava.device.resolve_device`).
         template: a chat template name (default: the checkpoint's).
         image_mode: ``"crop"`` or ``"pad"`` to override the checkpoint's image preprocessing.
         generation: default generation settings; unset fields take the checkpoint's (``config.json``'s
@@ -117,8 +67,8 @@ class Pipeline:
     def __init__(
         self,
         path: str | os.PathLike | None = None,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device = "auto",
         template: str | ChatTemplate | None = None,
         image_mode: str | None = None,
         generation: GenerationConfig | None = None,
@@ -129,12 +79,15 @@ class Pipeline:
             if not (BUNDLED_MODEL / "config.json").is_file():
                 raise FileNotFoundError(f"no model path given and no bundled model at {BUNDLED_MODEL}")
             path = BUNDLED_MODEL
-        self.path = Path(path)
+        self.path = resolve(path)
         self.processor = load_processor(self.path, image_mode=image_mode)
         self.template = get_template(template) if template is not None else self.processor.template
-        self.model = load(self.path, dtype=dtype, device=device, quantize=quantize)
+        self.model = load(self.path, dtype=dtype, device=resolve_device(device), quantize=quantize)
         defaults = {k: v for k, v in self.model.config.generation.items() if k in _SETTINGS}
-        self.generation = GenerationConfig(**defaults) if generation is None else generation
+        try:
+            self.generation = GenerationConfig(**defaults) if generation is None else generation
+        except ValueError as err:
+            raise ValueError(f"{self.path / 'config.json'}: its generation defaults: {err}") from None
         self.compile = compile
 
     @property
@@ -186,9 +139,10 @@ class Pipeline:
             raise ValueError(f"{len(prompts)} prompts but {len(groups)} image lists; pass one list per prompt")
         texts = [self._prompt_text(p, len(g), system) for p, g in zip(prompts, groups, strict=True)]
         batch = self.processor(texts, images=groups, padding_side="left")
-        gen = self._settings(config, overrides, batch["input_ids"].shape[1])
-        rows = self._rows(len(texts), gen)
-        steps = self._steps(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], rows, gen)
+        gen = self.generation_settings(config, overrides, batch["input_ids"].shape[1])
+        rows = self.text_rows(len(texts), gen)
+        inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        steps = self._steps(*inputs, rows, gen, image_sizes=batch.get("image_sizes"))
         for _ in steps:
             pass
         for row in rows:
@@ -207,14 +161,9 @@ class Pipeline:
         """Like :meth:`chat`, yielding text pieces as they are generated; joined they are the answer."""
         return Conversation(self, system).stream(prompt, images, config=config, **overrides)
 
-    # -- shared machinery ------------------------------------------------------------------------------------
-
-    def _prompt_text(self, prompt: str, n_images: int, system: str | None) -> str:
-        messages = [] if system is None else [{"role": "system", "content": system}]
-        messages.append({"role": "user", "content": with_image_markers(prompt, n_images)})
-        return self.template.format(messages)
-
-    def _settings(self, config: GenerationConfig | None, overrides: dict, prompt_tokens: int) -> GenerationConfig:
+    def generation_settings(
+        self, config: GenerationConfig | None, overrides: dict, prompt_tokens: int
+    ) -> GenerationConfig:
         """The call's settings. A length given in the call is kept (and refused if it does not fit); the default
         length is capped by what the context window has left."""
         gen = settings(config or self.generation, **overrides)
@@ -228,7 +177,7 @@ class Pipeline:
             gen = gen.replace(max_new_tokens=min(gen.max_new_tokens, room))
         return gen
 
-    def _eos_ids(self, gen: GenerationConfig) -> list[int]:
+    def eos_ids(self, gen: GenerationConfig) -> list[int]:
         """The EOS ids plus every stop string that is a single special token of the tokenizer (so it stops
         generation even though decoding drops it from the text)."""
         ids = resolve_eos(self.model, gen.eos_token_id)
@@ -238,18 +187,27 @@ class Pipeline:
                 ids.append(token)
         return ids
 
-    def _rows(self, n: int, gen: GenerationConfig) -> list[_TextRow]:
+    def text_rows(self, n: int, gen: GenerationConfig) -> list[TextRow]:
+        """``n`` fresh :class:`~minillava.textrow.TextRow` s that stop on the template's and ``gen``'s stop strings."""
         stops = (*self.template.stop_strings, *gen.stop_strings)
-        return [_TextRow(self.processor, stops, self._eos_ids(gen)) for _ in range(n)]
+        return [TextRow(self.processor, stops, self.eos_ids(gen)) for _ in range(n)]
+
+    # -- shared machinery ------------------------------------------------------------------------------------
+
+    def _prompt_text(self, prompt: str, n_images: int, system: str | None) -> str:
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        messages.append({"role": "user", "content": with_image_markers(prompt, n_images)})
+        return self.template.format(messages)
 
     def _steps(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
-        rows: list[_TextRow],
+        rows: list[TextRow],
         gen: GenerationConfig,
         cache: KVCache | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> Iterator[torch.Tensor]:
         """Run generation, feeding each step's tokens to ``rows`` (which decide stop strings)."""
 
@@ -261,14 +219,22 @@ class Pipeline:
             input_ids,
             pixel_values,
             attention_mask,
-            gen.replace(eos_token_id=self._eos_ids(gen)),
+            gen.replace(eos_token_id=self.eos_ids(gen)),
             cache=cache,
             compile=self.compile,
             should_stop=should_stop,
+            image_sizes=image_sizes,
         )
 
 
 _SETTINGS = {f.name for f in dataclasses.fields(GenerationConfig)}
+
+
+def _as_prompt(message: dict[str, str]) -> dict[str, str]:
+    """A message of the history as later prompts show it: an answer's ``<image>`` is text, not a marker."""
+    if message["role"] != "assistant":
+        return message
+    return {**message, "content": message["content"].replace(IMAGE_MARKER, ANSWER_MARKER)}
 
 
 class Conversation:
@@ -279,6 +245,9 @@ class Conversation:
     ids it holds, and only the rest runs. Images of earlier turns are not encoded again unless the reused prefix
     ends inside them. The cache is this conversation's own value (:attr:`cache`): other generations on the same
     model never touch it.
+
+    Only the user's messages place images: an answer that contains the text ``<image>`` is kept as said in
+    :attr:`messages` and written as :data:`ANSWER_MARKER` into later prompts.
     """
 
     def __init__(self, pipe: Pipeline, system: str | None = None) -> None:
@@ -290,6 +259,7 @@ class Conversation:
         """Forget every turn (the system prompt stays)."""
         self.messages: list[dict[str, str]] = []
         self.pixels: list[torch.Tensor] = []  # preprocessed images, in placeholder order
+        self.image_sizes: list[torch.Tensor] = []  # (height, width) of each image, with LLaVA-1.6 tiling
         self.cache: KVCache | None = None
         self._cached: list[int] = []  # the ids whose keys/values the cache holds, slot by slot
         self.last_prefill = 0  # tokens the last turn prefilled (for tests and benchmarks)
@@ -320,32 +290,47 @@ class Conversation:
         """
         pipe = self.pipe
         images = image_list(images)
-        new_pixels = list(preprocess(images, pipe.processor.image_config, pipe.processor.max_pixels))
+        new_pixels, new_sizes = [], []
+        if images:
+            pixels, sizes, _ = pipe.processor.images(images)
+            new_pixels = list(pixels)
+            new_sizes = list(sizes) if sizes is not None else []
         messages = [] if self.system is None else [{"role": "system", "content": self.system}]
         user = {"role": "user", "content": with_image_markers(prompt, len(new_pixels))}
-        messages += self.messages + [user]
+        messages += [_as_prompt(m) for m in self.messages] + [user]
         text = pipe.template.format(messages)
         # The earlier turns' markers have their images: what is left over belongs to this message.
         check_image_count(text.count(IMAGE_MARKER) - len(self.pixels), len(new_pixels), "the message: ")
-        ids = pipe.processor.encode(text)
-        pixels = self.pixels + new_pixels
+        pixels, sizes = self.pixels + new_pixels, self.image_sizes + new_sizes
+        anyres = pipe.processor.image_config.mode == "anyres"
+        k = pipe.processor.num_image_tokens
+        counts = [pipe.processor.image_tokens(*size.tolist()) for size in sizes] if anyres else [k] * len(pixels)
+        ids = pipe.processor.encode(text, counts)
         prefix = self._reusable_prefix(ids)
-        k, image_id = pipe.processor.num_image_tokens, pipe.processor.image_token_id
-        n_new_images = sum(1 for i in ids[prefix:] if i == image_id) // k
-        suffix_pixels = torch.stack(pixels[len(pixels) - n_new_images :]) if n_new_images else None
-        gen = pipe._settings(config, overrides, len(ids))
+        # The images whose placeholders lie after the reused prefix (it never ends inside an image).
+        left, n_new_images = sum(1 for i in ids[prefix:] if i == pipe.processor.image_token_id), 0
+        while left > 0:
+            n_new_images += 1
+            left -= counts[-n_new_images]
+        suffix_pixels = suffix_sizes = None
+        if n_new_images and anyres:
+            suffix_pixels, suffix_sizes = pad_tiles(pixels[-n_new_images:]), torch.stack(sizes[-n_new_images:])
+        elif n_new_images:
+            suffix_pixels = torch.stack(pixels[-n_new_images:])
+        gen = pipe.generation_settings(config, overrides, len(ids))
         if self.cache is None:
             self.cache = pipe.model.new_cache(1, len(ids) + gen.max_new_tokens)
         self.cache.crop(prefix)
         self._cached = ids[:prefix]
-        rows = pipe._rows(1, gen)
+        rows = pipe.text_rows(1, gen)
         # Checks arguments and sizes the cache now, so that errors surface here rather than at the first piece.
-        steps = pipe._steps(torch.tensor([ids[prefix:]]), suffix_pixels, None, rows, gen, cache=self.cache)
+        suffix = torch.tensor([ids[prefix:]])
+        steps = pipe._steps(suffix, suffix_pixels, None, rows, gen, cache=self.cache, image_sizes=suffix_sizes)
         self.last_prefill = len(ids) - prefix
-        return self._turn(steps, rows[0], ids, user, new_pixels)
+        return self._turn(steps, rows[0], ids, user, (new_pixels, new_sizes))
 
     def _turn(
-        self, steps: Iterator[torch.Tensor], row: _TextRow, ids: list[int], user: dict, new_pixels: list
+        self, steps: Iterator[torch.Tensor], row: TextRow, ids: list[int], user: dict, new_images: tuple[list, list]
     ) -> Iterator[str]:
         answer_ids: list[int] = []
         answer: list[str] = []
@@ -369,7 +354,8 @@ class Conversation:
             text = "".join(answer).strip()
             if text:
                 self.messages += [user, {"role": "assistant", "content": text}]
-                self.pixels += new_pixels
+                self.pixels += new_images[0]
+                self.image_sizes += new_images[1]
 
     def _reusable_prefix(self, ids: list[int]) -> int:
         """How many leading ``ids`` the KV cache already holds for this conversation (never all of them: the

@@ -4,16 +4,14 @@ Every checkpoint minillava reads or writes goes through here: the loader, the co
 trainer. Reading never holds more than one tensor that it did not memory-map; writing lays out every shard up
 front and puts each tensor at its offset the moment it arrives, so no output shard is ever held in memory.
 Nothing is written in place: a checkpoint is built in a temporary directory beside its destination and renamed
-when complete.
+when complete (:mod:`minillava.folders`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,14 +21,14 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import read_json
+from .config import DTYPE_NAMES, read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 MAX_HEADER_BYTES = 100 * 10**6  # safetensors' own limit
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 """The dtypes weights can be cast to, by the names the command lines take."""
 
 SAFETENSORS_DTYPES = {
@@ -60,6 +58,43 @@ class UnsupportedDtype(ValueError):
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"`` (what config files and messages call it)."""
     return str(dtype).removeprefix("torch.")
+
+
+def weights_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The dtype to cast weights to: ``None`` (keep theirs), a floating ``torch.dtype`` or its name (``"bfloat16"``).
+
+    Integer and float8 dtypes are refused: the model computes in its weights' dtype.
+    """
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        found = DTYPES.get(dtype)
+    else:
+        found = dtype if isinstance(dtype, torch.dtype) and dtype in (*DTYPES.values(), torch.float64) else None
+    if found is None:
+        raise ValueError(
+            f"dtype {dtype!r}: weights need a floating dtype the model computes in: float32, bfloat16 or float16 "
+            "(a torch.dtype or its name)"
+        )
+    return found
+
+
+def check_finite(name: str, tensor: torch.Tensor, where: Path) -> None:
+    """Raise ``ValueError`` naming the tensor when a floating ``tensor`` holds NaN or infinite values."""
+    if not tensor.dtype.is_floating_point:
+        return
+    # NaN and infinities carry into a sum, so a finite sum clears the tensor in one pass at memory speed (isfinite()
+    # is ten times slower). A sum can also overflow: a non-finite one is confirmed by counting.
+    flat = tensor.reshape(-1)
+    if bool(flat.sum().isfinite()):
+        return
+    nan, inf = int(flat.isnan().sum()), int(flat.isinf().sum())
+    if nan or inf:
+        raise ValueError(
+            f"{where}: tensor {name} holds {nan} NaN and {inf} infinite value(s) (as {dtype_name(tensor.dtype)}); "
+            "the checkpoint is damaged, or the cast overflowed. Pass allow_nonfinite=True (--allow-nonfinite) to "
+            "write it anyway"
+        )
 
 
 @dataclass(frozen=True)
@@ -97,6 +132,11 @@ def safetensors_files(
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index}: no 'weight_map'; the index is damaged")
+        for tensor, name in weight_map.items():
+            if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+                raise ValueError(
+                    f"{index}: tensor {tensor!r} maps to {name!r}, not a file name in {directory}; the index is damaged"
+                )
         files = [directory / name for name in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -110,7 +150,12 @@ def safetensors_files(
 
 
 def safetensors_header(path: Path) -> dict[str, tuple[TensorMeta, int]]:
-    """``{name: (meta, absolute byte offset)}`` from a safetensors file's header, checked against its size."""
+    """``{name: (meta, absolute byte offset)}`` from a safetensors file's header, checked as safetensors checks it.
+
+    Every tensor has a known dtype, a shape of non-negative sizes and as many bytes as shape x dtype; together the
+    tensors cover the data exactly: no overlap, no gap, nothing past the end of the file and nothing after the
+    last tensor. A damaged file is refused here, before any reader trusts its offsets.
+    """
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -121,29 +166,57 @@ def safetensors_header(path: Path) -> dict[str, tuple[TensorMeta, int]]:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise OSError(f"{path}: the safetensors header is not valid JSON; is the file damaged?") from None
+    if not isinstance(header, dict):
+        raise OSError(f"{path}: the safetensors header is not a JSON object; is the file damaged?")
     start = 8 + length
     entries = {}
-    try:
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = DTYPE_FROM_SAFETENSORS.get(info["dtype"])
-            if dtype is None:
-                raise UnsupportedDtype(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-            meta = TensorMeta(tuple(int(d) for d in info["shape"]), dtype)
-            begin, end = (int(x) for x in info["data_offsets"])
-            if end - begin != meta.nbytes or begin < 0:
-                raise OSError(f"{path}: tensor {name} has {end - begin} bytes for shape {list(meta.shape)}; damaged")
-            if start + end > size:
-                raise OSError(
-                    f"{path}: tensor {name} ends at byte {start + end} but the file has {size} bytes; is it truncated?"
-                )
-            entries[name] = (meta, start + begin)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        if isinstance(err, UnsupportedDtype):
-            raise
-        raise OSError(f"{path}: malformed safetensors header ({err!r}); is the file damaged?") from None
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        meta, begin, end = _header_entry(path, name, info)
+        if start + end > size:
+            raise OSError(
+                f"{path}: tensor {name} ends at byte {start + end} but the file has {size} bytes; is it truncated?"
+            )
+        entries[name] = (meta, start + begin)
+        spans.append((begin, end, name))
+    covered, previous = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < covered:
+            raise OSError(f"{path}: tensors {previous} and {name} overlap in the data; the file is damaged")
+        if begin > covered:
+            raise OSError(f"{path}: no tensor holds bytes {covered} to {begin} of the data; the file is damaged")
+        covered, previous = end, name
+    if start + covered < size:
+        raise OSError(f"{path}: {size - start - covered} bytes after the last tensor; the file is damaged")
     return entries
+
+
+def _header_entry(path: Path, name: str, info: Any) -> tuple[TensorMeta, int, int]:
+    """One tensor's entry of a safetensors header: ``(meta, begin, end)`` within the data, checked."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise OSError(f"{path}: malformed header entry for tensor {name} ({info!r}); is the file damaged?")
+    dtype = DTYPE_FROM_SAFETENSORS.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
+        raise UnsupportedDtype(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+        raise OSError(f"{path}: tensor {name} has shape {shape}; the file is damaged")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(x) for x in offsets):
+        raise OSError(f"{path}: tensor {name} has data offsets {offsets}; the file is damaged")
+    meta = TensorMeta(tuple(shape), dtype)
+    begin, end = offsets
+    if end - begin != meta.nbytes:
+        raise OSError(
+            f"{path}: tensor {name} has data offsets {offsets}, {end - begin} bytes for shape {list(meta.shape)} "
+            f"{dtype_name(dtype)} ({meta.nbytes} bytes); the file is damaged"
+        )
+    return meta, begin, end
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -180,6 +253,7 @@ def open_safetensors(path: Path, mapped: bool = False) -> Iterator[Callable[[str
     whatever the shard size, and the header is checked against the file's length first.
     """
     if mapped:
+        safetensors_header(path)  # the same checks as below, with messages that name the damage
         try:
             opened = safe_open(str(path), framework="pt", device="cpu")
         except (SafetensorError, OSError, RuntimeError) as err:
@@ -305,50 +379,31 @@ def write_shards(
     sources: Sequence[tuple[Path, Callable[[], Iterable[tuple[str, torch.Tensor]]]]],
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: ProgressFn | None = None,
+    allow_nonfinite: bool = False,
+    base: str = "model",
 ) -> None:
     """Write the planned ``entries`` from ``sources``, one source file at a time.
 
     Each source is ``(path, tensors)``: calling ``tensors()`` opens that file and yields ``(output name, tensor)``
-    pairs, each written at once and then dropped.
+    pairs, each written at once and then dropped. A floating tensor holding NaN or infinite values is refused,
+    naming it and its source, unless ``allow_nonfinite``. Files are named ``{base}.safetensors`` (or shards).
     """
-    writer = ShardWriter(directory, entries, max_shard_bytes)
+    writer = ShardWriter(directory, entries, max_shard_bytes, base)
     for i, (path, tensors) in enumerate(sources):
         if progress:
             progress(i, len(sources), path)
         for name, tensor in tensors():
+            if not allow_nonfinite:
+                check_finite(name, tensor, path)
             writer.write(name, tensor)
     if progress and sources:
         progress(len(sources), len(sources), sources[-1][0])
     writer.close()
 
 
-def write_state(directory: Path, state: dict[str, torch.Tensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
-    """Write ``state`` as ``model.safetensors`` (or shards + index) in ``directory``, one tensor at a time."""
+def write_state(
+    directory: Path, state: dict[str, torch.Tensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES, base: str = "model"
+) -> None:
+    """Write ``state`` as ``{base}.safetensors`` (or shards + index) in ``directory``, one tensor at a time."""
     entries = [(k, tuple(v.shape), v.dtype) for k, v in state.items()]
-    write_shards(directory, entries, [(directory, lambda: state.items())], max_shard_bytes)
-
-
-@contextmanager
-def atomic_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``dst`` that becomes ``dst`` only if the block succeeds.
-
-    A non-empty ``dst`` is refused unless ``force``; then it is replaced only after the new one is complete.
-    """
-    dst = Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
-        raise FileExistsError(f"{dst} exists and is not empty; choose another destination or pass --force")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
-        yield tmp
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    write_shards(directory, entries, [(directory, lambda: state.items())], max_shard_bytes, base=base)

@@ -65,60 +65,83 @@ class Tokenizer:
         except (RuntimeError, OSError) as err:
             raise ValueError(f"{source}: not a sentencepiece model ({err})") from None
         self._dummy_prefix = add_dummy_prefix(model_proto)
+        # Decoding drops the dummy-prefix space of the first piece, and for legacy tokenizers (which encode the text
+        # after a written special token with a dummy prefix again) of the piece after a special token.
+        self._prefix_after_special = self.legacy and self._dummy_prefix
         # Non-legacy encoding runs sentencepiece without the dummy prefix and adds "▁" itself where it belongs.
         self._sp_plain = (
             self._sp if self.legacy else spm.SentencePieceProcessor(model_proto=model_proto + NO_DUMMY_PREFIX)
         )
         n = self._sp.get_piece_size()
+        self._init_vocabulary(
+            pieces=[self._sp.id_to_piece(i) for i in range(n)],
+            byte_ids={i for i in range(n) if self._sp.is_byte(i)},
+            control_ids={i for i in range(n) if self._sp.is_control(i) or self._sp.is_unknown(i)},
+            added_tokens=added_tokens,
+            names={"bos": bos_token, "eos": eos_token, "unk": unk_token, "pad": pad_token},
+            additional_special_tokens=additional_special_tokens,
+        )
+        self._unk_text = unk_token or "<unk>"
+        self._unk_len = len(self._sp_plain.encode(self._unk_text))
+        self._ids_cache: dict[str, tuple[int, ...]] = {}
 
+    def _init_vocabulary(
+        self,
+        pieces: list[str],
+        byte_ids: set[int],
+        control_ids: set[int],
+        added_tokens: Sequence[AddedToken],
+        names: dict[str, str | None],
+        additional_special_tokens: Sequence[str],
+    ) -> None:
+        """The tables shared by every backend: special and added tokens, token ids, and the decoding tables.
+
+        ``pieces`` are the model's token strings by id (``▁`` for a space, ``<0xNN>`` for the ``byte_ids``);
+        ``control_ids`` are pieces that decode to nothing when special tokens are skipped (``<s>``, ``<unk>``).
+        """
+        source = self.source
+        self._pieces = pieces
+        piece_ids = {piece: i for i, piece in enumerate(pieces)}
         self._added: dict[str, AddedToken] = {}
         for tok in added_tokens:
             self._added[tok.content] = tok
-        names = {"bos": bos_token, "eos": eos_token, "unk": unk_token, "pad": pad_token}
         specials = [t for t in (*names.values(), *additional_special_tokens) if t is not None]
         for content in specials:
             # As transformers does at init: special tokens not listed as added tokens are added, using the
-            # sentencepiece id when the piece exists.
+            # model's id when the piece exists.
             if content in self._added:
                 continue
-            piece_id = self._sp.piece_to_id(content)
-            if self._sp.id_to_piece(piece_id) != content:
+            if content not in piece_ids:
                 raise ValueError(
-                    f"{source}: special token {content!r} is neither a sentencepiece piece nor an added token; "
+                    f"{source}: special token {content!r} is neither a piece of the model nor an added token; "
                     "list it in added_tokens_decoder of tokenizer_config.json"
                 )
-            self._added[content] = AddedToken(content, piece_id)
+            self._added[content] = AddedToken(content, piece_ids[content])
         self._all_special_tokens = frozenset(specials)
         self._ids = {name: (None if tok is None else self._added[tok].id) for name, tok in names.items()}
 
         self._id_to_added = {tok.id: tok for tok in self._added.values()}
-        self.vocab_size = max([n - 1, *self._id_to_added]) + 1
+        self.vocab_size = max([len(pieces) - 1, *self._id_to_added]) + 1
         # Longest first, so that the regex alternation finds the longest token at each position like HF's trie.
         alternatives = sorted(self._added, key=len, reverse=True)
         self._added_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
-        self._unk_text = unk_token or "<unk>"
-        self._unk_len = len(self._sp_plain.encode(self._unk_text))
-        self._ids_cache: dict[str, tuple[int, ...]] = {}
         # Token string -> id in one dict lookup (a sentencepiece call per piece was most of the encoding time);
-        # added tokens take precedence over a sentencepiece piece of the same text, as they always did here.
-        self._token_ids = {self._sp.id_to_piece(i): i for i in range(n)}
-        self._token_ids.update((tok.content, tok.id) for tok in self._added.values())
+        # added tokens take precedence over a piece of the same text, as they always did here.
+        self._token_ids = {**piece_ids, **{tok.content: tok.id for tok in self._added.values()}}
 
         # Decoding tables: the bytes each piece stands for, whether it opens with the dummy-prefix space, and which
         # ids are special (dropped by skip_special_tokens).
         self._piece_bytes: list[bytes] = []
         self._piece_space: list[bool] = []
-        special_ids = {tok.id for tok in self._added.values() if tok.special or tok.content in self._all_special_tokens}
-        for i in range(n):
-            piece = self._sp.id_to_piece(i)
-            if self._sp.is_byte(i):
+        for i, piece in enumerate(pieces):
+            if i in byte_ids:
                 self._piece_bytes.append(bytes([int(_BYTE_PIECE.fullmatch(piece).group(1), 16)]))
             else:
                 self._piece_bytes.append(piece.replace(_SPIECE_UNDERLINE, " ").encode("utf-8"))
             self._piece_space.append(piece.startswith(_SPIECE_UNDERLINE))
-            if self._sp.is_control(i) or self._sp.is_unknown(i):
-                special_ids.add(i)
-        self._special_ids = special_ids
+        self._special_ids = {
+            tok.id for tok in self._added.values() if tok.special or tok.content in self._all_special_tokens
+        } | set(control_ids)
         self._extra_special: dict[int, str] = {}
 
     # --- construction ---
@@ -129,9 +152,16 @@ class Tokenizer:
 
         Reads ``tokenizer_config.json`` (``legacy``, ``add_bos_token``, ``add_eos_token``, special tokens,
         ``added_tokens_decoder``) and, as transformers does for older checkpoints without ``added_tokens_decoder``,
-        ``special_tokens_map.json`` and ``added_tokens.json``.
+        ``special_tokens_map.json`` and ``added_tokens.json``. A directory with ``tokenizer.json`` but no
+        ``tokenizer.model`` (what transformers 5 saves) gives a
+        :class:`~minillava.tokenizer_json.JsonTokenizer`, which needs the ``tokenizers`` package.
         """
-        return cls(**read_tokenizer_dir(directory))
+        args = read_tokenizer_dir(directory)
+        if "tokenizer_json" in args:
+            from .tokenizer_json import JsonTokenizer
+
+            return JsonTokenizer(**args)
+        return cls(**args)
 
     # --- ids of the special tokens ---
 
@@ -160,8 +190,8 @@ class Tokenizer:
 
     def add_special_id(self, token_id: int, text: str) -> None:
         """Make ``token_id`` decode as ``text`` and count as special (an image placeholder outside the vocabulary)."""
-        if token_id not in self._special_ids and token_id < self._sp.get_piece_size():
-            raise ValueError(f"id {token_id} is an ordinary sentencepiece piece; it cannot become a special id")
+        if token_id not in self._special_ids and token_id < len(self._pieces):
+            raise ValueError(f"id {token_id} is an ordinary piece of the model; it cannot become a special id")
         self._special_ids.add(token_id)
         self._extra_special[token_id] = text
 
@@ -199,6 +229,7 @@ class Tokenizer:
 
     def tokenize(self, text: str) -> list[str]:
         """The token strings of ``text`` without BOS/EOS (transformers 4.37 slow ``LlamaTokenizer.tokenize``)."""
+        check_utf8(text)
         if not self.legacy and text:
             text = _SPIECE_UNDERLINE + text.replace(_SPIECE_UNDERLINE, " ")
         tokens: list[str] = []
@@ -234,23 +265,27 @@ class Tokenizer:
         # the ids depend on the text alone.
         ids = self._ids_cache.get(text)
         if ids is None:
-            token_ids = self._token_ids
-            # A string outside the vocabulary (no byte fallback) is what piece_to_id maps to <unk>.
-            ids = tuple(token_ids[t] if t in token_ids else self._sp.piece_to_id(t) for t in self.tokenize(text))
+            ids = self._encode(text)
             if len(self._ids_cache) >= _IDS_CACHE_SIZE:
                 self._ids_cache.clear()
             self._ids_cache[text] = ids
         return ids
 
+    def _encode(self, text: str) -> tuple[int, ...]:
+        token_ids = self._token_ids
+        # A string outside the vocabulary (no byte fallback) is what piece_to_id maps to <unk>.
+        return tuple(token_ids[t] if t in token_ids else self._sp.piece_to_id(t) for t in self.tokenize(text))
+
     def encode(
         self,
         text: str,
-        num_image_tokens: int = 0,
+        num_image_tokens: int | Sequence[int] = 0,
         image_token_id: int | None = None,
         *,
         add_special_tokens: bool = True,
     ) -> list[int]:
-        """Ids of a prompt; each ``<image>`` becomes ``num_image_tokens`` copies of ``image_token_id``.
+        """Ids of a prompt; each ``<image>`` becomes ``num_image_tokens`` copies of ``image_token_id`` (a list gives
+        each marker its own count, in order: LLaVA-1.6 images differ).
 
         Original LLaVA's ``tokenizer_image_token``: split on ``<image>``, encode every chunk on its own (each with
         its dummy-prefix space), keep one BOS at the start.
@@ -258,11 +293,15 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         chunks = [self.encode_text(chunk, add_special_tokens) for chunk in text.split(IMAGE_MARKER)]
-        if len(chunks) > 1 and (image_token_id is None or num_image_tokens < 1):
+        markers = len(chunks) - 1
+        counts = [num_image_tokens] * markers if isinstance(num_image_tokens, int) else list(num_image_tokens)
+        if markers and (image_token_id is None or not all(c >= 1 for c in counts)):
             raise ValueError(
-                f"the text has {len(chunks) - 1} {IMAGE_MARKER} marker(s) but no image_token_id/num_image_tokens "
+                f"the text has {markers} {IMAGE_MARKER} marker(s) but no image_token_id/num_image_tokens "
                 "were given; use the Processor, which knows the checkpoint's values"
             )
+        if len(counts) != markers:
+            raise ValueError(f"the text has {markers} {IMAGE_MARKER} marker(s) but {len(counts)} image token counts")
         ids: list[int] = []
         offset = 0
         # The reference keeps the first chunk's leading BOS and drops the first id of every chunk after it.
@@ -271,7 +310,7 @@ class Tokenizer:
             ids.append(chunks[0][0])
         for i, chunk in enumerate(chunks):
             if i:
-                ids.extend([image_token_id] * num_image_tokens)
+                ids.extend([image_token_id] * counts[i - 1])
             ids.extend(chunk[offset:])
         return ids
 
@@ -295,6 +334,20 @@ class Tokenizer:
         return token_id in self._special_ids
 
 
+def check_utf8(text: str) -> None:
+    """Raise ``ValueError`` when ``text`` cannot be written as UTF-8: it holds a lone surrogate, which is how Python
+    passes on bytes it could not decode (a command-line argument or a line of input in another encoding)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = text[err.start]
+        origin = f" (the byte 0x{ord(char) - 0xDC00:02x}, left undecoded)" if 0xDC80 <= ord(char) <= 0xDCFF else ""
+        raise ValueError(
+            f"the text is not valid UTF-8: character {err.start} is {char!r}{origin}; give the text in UTF-8 (check "
+            "the encoding of the terminal or file it came from)"
+        ) from None
+
+
 class _ByteState:
     """Turns ids into UTF-8 bytes one at a time; shared by decode and the streaming decoder so they cannot drift."""
 
@@ -315,9 +368,8 @@ class _ByteState:
             if token_id in tok._extra_special:
                 text = tok._extra_special[token_id]
             else:
-                text = added.content if added is not None else tok._sp.id_to_piece(token_id)
-            # After a written special token a legacy tokenizer encodes the next text with a dummy prefix again.
-            self.at_start = tok.legacy and tok._dummy_prefix
+                text = added.content if added is not None else tok._pieces[token_id]
+            self.at_start = tok._prefix_after_special
             return text.encode("utf-8")
         if added is not None:  # a non-special added token is plain text
             self.at_start = False

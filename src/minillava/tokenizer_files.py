@@ -1,4 +1,5 @@
-"""Reading a LLaMA tokenizer directory: ``tokenizer.model`` and the transformers JSON files beside it.
+"""Reading a LLaMA tokenizer directory: ``tokenizer.model`` (or, without it, ``tokenizer.json``: see
+:mod:`minillava.tokenizer_json`) and the transformers JSON files beside it.
 
 The JSON files are read the way transformers does: ``tokenizer_config.json`` (``legacy``, ``add_bos_token``,
 ``add_eos_token``, special tokens, ``added_tokens_decoder``) and, for older checkpoints without
@@ -86,12 +87,15 @@ def token_content(value: object) -> str | None:
 
 
 def read_tokenizer_dir(directory: str | os.PathLike) -> dict[str, Any]:
-    """The :class:`~minillava.tokenizer.Tokenizer` arguments a tokenizer directory holds."""
+    """The :class:`~minillava.tokenizer.Tokenizer` arguments a tokenizer directory holds (with ``tokenizer_json``
+    instead of ``model_proto`` when there is no sentencepiece model: the arguments of
+    :class:`~minillava.tokenizer_json.JsonTokenizer`)."""
     path = Path(directory)
     model = path / "tokenizer.model"
-    if not model.is_file():
+    if not model.is_file() and not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(
-            f"{model}: no sentencepiece model; copy tokenizer.model from the original checkpoint into {path}"
+            f"{path}: no tokenizer (neither tokenizer.model nor tokenizer.json); copy the tokenizer files of the "
+            f"original checkpoint into {path}"
         )
     config = read_json(path / "tokenizer_config.json", missing_ok=True)
     names = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -125,16 +129,30 @@ def read_tokenizer_dir(directory: str | os.PathLike) -> dict[str, Any]:
     for name, value in defaults.items():
         if name not in special:  # a name in neither file: special_tokens_map.json, else the LLaMA default
             special[name] = token_content(special_map.get(name, value))
-    return dict(
-        model_proto=model.read_bytes(),
-        legacy=config.get("legacy", True) is not False,  # transformers 4.37: a missing value means legacy
+    common = dict(
         added_tokens=added,
         bos_token=special["bos_token"],
         eos_token=special["eos_token"],
         unk_token=special["unk_token"],
         pad_token=special["pad_token"],
         additional_special_tokens=additional,
+        source=str(path),
+    )
+    if not model.is_file():
+        # transformers 5's reading (minillava.tokenizer_json): legacy only when set; BOS/EOS per the file unless set.
+        return dict(
+            tokenizer_json=path / "tokenizer.json",
+            tokenizer_class=config.get("tokenizer_class"),
+            legacy=config.get("legacy") is True,
+            add_prefix_space=config.get("add_prefix_space"),
+            add_bos_token=config.get("add_bos_token"),
+            add_eos_token=config.get("add_eos_token"),
+            **common,
+        )
+    return dict(
+        model_proto=model.read_bytes(),
+        legacy=config.get("legacy", True) is not False,  # transformers 4.37: a missing value means legacy
         add_bos_token=config.get("add_bos_token", True),
         add_eos_token=config.get("add_eos_token", False),
-        source=str(path),
+        **common,
     )

@@ -49,6 +49,7 @@ LLM_HF = (("llm.lm_head.", "language_model.lm_head."), ("llm.", "language_model.
 PROJECTOR_HF = (
     ("projector.layers.0.", "multi_modal_projector.linear_1."),
     ("projector.layers.1.", "multi_modal_projector.linear_2."),
+    ("image_newline", "image_newline"),  # LLaVA-1.6 only
 )
 
 # llava-hf as saved by transformers 4.x (the hub checkpoints).
@@ -62,7 +63,10 @@ HF_V5 = KeyMap("llava-hf (transformers 5.x)", (*LLM_HF, *PROJECTOR_HF, ("vision.
 # decoder sits at the top level (``model.*``, ``lm_head``); the projector and an unfrozen tower live under ``model.``
 # too, so their rules come before the decoder's catch-all ``model.``. The ``nn.Sequential`` projector numbers its
 # Linears 0, 2, 4, ... (the GELUs in between hold no tensors).
-ORIGINAL_TOWER = (("vision.", "model.vision_tower.vision_tower.vision_model."),)
+ORIGINAL_TOWER = (
+    ("vision.", "model.vision_tower.vision_tower.vision_model."),
+    ("image_newline", "model.image_newline"),  # LLaVA-1.6 only
+)
 ORIGINAL_LLM = (("llm.lm_head.", "lm_head."), ("llm.", "model."))
 
 

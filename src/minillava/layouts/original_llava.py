@@ -1,15 +1,18 @@
-"""Original LLaVA checkpoints (haotian-liu/LLaVA ``LlavaLlamaForCausalLM``; InternVL's ``internvl_chat_llava``).
+"""Original LLaVA checkpoints (haotian-liu/LLaVA ``LlavaLlamaForCausalLM`` and, for LLaVA-1.6,
+``LlavaMistralForCausalLM``; InternVL's ``internvl_chat_llava``).
 
-``config.json`` is a flat LLaMA config plus the ``mm_*`` fields; weights are ``pytorch_model-*.bin`` shards (or
-safetensors) holding ``model.*``, ``lm_head.*`` and ``model.mm_projector.*``. The released checkpoints hold no
-CLIP weights: the tower comes from a separate CLIP directory (``--vision-tower``), unless the checkpoint was trained
-with the tower unfrozen and carries it as ``model.vision_tower.vision_tower.vision_model.*``; then those win.
+``config.json`` is a flat LLaMA (or Mistral) config plus the ``mm_*`` fields; weights are ``pytorch_model-*.bin``
+shards (or safetensors) holding ``model.*``, ``lm_head.*`` and ``model.mm_projector.*`` (and ``model.image_newline``
+for LLaVA-1.6). The LLaVA-1.5 releases hold no CLIP weights: the tower comes from a separate CLIP directory
+(``--vision-tower``), unless the checkpoint was trained with the tower unfrozen and carries it as
+``model.vision_tower.vision_tower.vision_model.*`` (every LLaVA-1.6 release does); then those win.
 The vocabulary has no ``<image>`` token, so the placeholder id is ``vocab_size``: never embedded (fusion overwrites
 placeholder rows) and never generated (the head has ``vocab_size`` columns).
 """
 
 from __future__ import annotations
 
+import ast
 import math
 import re
 from pathlib import Path
@@ -17,10 +20,16 @@ from typing import Any
 
 import torch
 
+from ..anyres import MERGE_TYPES
 from ..chat import default_template_for
-from ..config import LlavaConfig, VisionConfig, projector_depth, read_json
+from ..config import AnyresConfig, LlavaConfig, VisionConfig, projector_depth, read_json
 from ..safetensors_io import TensorMeta
-from .hf_llava import image_config_from_preprocessor, text_config_from_hf, vision_config_from_hf
+from .hf_llava import (
+    image_config_from_preprocessor,
+    template_source_path,
+    text_config_from_hf,
+    vision_config_from_hf,
+)
 from .keymaps import CLIP_V4, CLIP_V5, original_keymap
 from .reading import ConversionError, Part, read_meta, weight_files
 
@@ -39,15 +48,6 @@ CLIP_VISION_DEFAULTS = {
 }
 # OpenAI CLIP ViTs (B/32, B/16, L/14, L/14-336) all use 64-wide attention heads.
 CLIP_HEAD_DIM = 64
-
-
-def template_source_path(directory: Path) -> str:
-    """The path whose name picks the chat template (original LLaVA's CLI rule, ``minillava.chat``); a Hugging Face
-    cache snapshot (``models--org--name/snapshots/<hash>``) stands for its repository ``org/name``."""
-    parts = directory.resolve().parts
-    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        return parts[-3][len("models--") :].replace("--", "/")
-    return str(directory.resolve())
 
 
 def clip_vision_fields(clip: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -129,7 +129,7 @@ class OriginalLlavaSource:
     @staticmethod
     def matches(directory: Path, config: dict[str, Any]) -> bool:
         return (
-            config.get("model_type") in ("llava", "llava_llama")
+            config.get("model_type") in ("llava", "llava_llama", "llava_mistral")
             and "text_config" not in config
             and ("mm_vision_tower" in config or "mm_hidden_size" in config)
         )
@@ -142,11 +142,24 @@ class OriginalLlavaSource:
                 "implements LLaVA-1.5's plain <image> placement only"
             )
         aspect = str(raw.get("image_aspect_ratio") or "")
-        if aspect.startswith("anyres"):
-            raise ConversionError(f"{where}: image_aspect_ratio {aspect!r} (LLaVA-NeXT tiling) is not supported")
+        if aspect.startswith("anyres") and aspect != "anyres":
+            raise ConversionError(
+                f"{where}: image_aspect_ratio {aspect!r} (a later LLaVA-NeXT variant) is not supported; minillava "
+                "implements LLaVA-1.6's 'anyres'"
+            )
         merge = raw.get("mm_patch_merge_type", "flat")
-        if merge != "flat":
-            raise ConversionError(f"{where}: mm_patch_merge_type {merge!r} is not supported (only 'flat')")
+        if merge not in MERGE_TYPES:
+            raise ConversionError(
+                f"{where}: mm_patch_merge_type {merge!r} is not supported ({', '.join(MERGE_TYPES)}; every released "
+                "LLaVA-1.6 uses spatial_unpad)"
+            )
+        if merge != "flat" and aspect != "anyres":
+            raise ConversionError(
+                f"{where}: mm_patch_merge_type {merge!r} tiles images, but image_aspect_ratio is {aspect!r}, not "
+                "'anyres'; original LLaVA would never use the tile merge (or its image_newline) for this checkpoint"
+            )
+        if raw.get("model_type") == "llava_mistral" and aspect != "anyres":
+            raise ConversionError(f"{where}: a llava_mistral checkpoint without image_aspect_ratio 'anyres'")
         for field in ("mm_hidden_size", "mm_vision_select_layer"):
             if field not in raw:
                 raise ConversionError(f"{where}: no {field}; is this an original LLaVA config?")
@@ -179,7 +192,11 @@ class OriginalLlavaSource:
 
     def _vision(self) -> VisionConfig:
         if self.clip_dir is not None:
-            vision, origin = vision_config_from_hf(self._clip_source()[0]), f"--vision-tower {self.clip_dir}"
+            try:
+                vision = vision_config_from_hf(self._clip_source()[0])
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{self.clip_dir / 'config.json'}: {err}") from None
+            origin = f"--vision-tower {self.clip_dir}"
         elif self.tower_inside():
             merged = {k: v for _, meta in self._llava_metas() for k, v in meta.items()}
             vision, origin = vision_from_shapes(merged, self.directory), f"the vision tower in {self.directory}"
@@ -198,16 +215,53 @@ class OriginalLlavaSource:
             )
         return vision
 
+    def anyres(self) -> AnyresConfig | None:
+        """Original LLaVA's LLaVA-1.6 rules: its ``(width, height)`` pinpoints swapped pair by pair (the order kept,
+        as it breaks ties), truncating unpad, and the cut at ``tokenizer_model_max_length``."""
+        raw, where = self.raw, self.directory / "config.json"
+        if raw.get("image_aspect_ratio") != "anyres":
+            return None
+        pinpoints = raw.get("image_grid_pinpoints")
+        if isinstance(pinpoints, str):
+            try:
+                pinpoints = ast.literal_eval(pinpoints)  # how the original reads a string; literals only
+            except (ValueError, SyntaxError):
+                raise ConversionError(f"{where}: image_grid_pinpoints {pinpoints!r} is not a list literal") from None
+        try:
+            swapped = [[int(w_h[1]), int(w_h[0])] for w_h in pinpoints]
+            return AnyresConfig(
+                grid_pinpoints=swapped,
+                merge=raw.get("mm_patch_merge_type", "flat"),
+                unpad_rounding="truncate",
+                max_sequence_length=raw.get("tokenizer_model_max_length"),
+            )
+        except (TypeError, ValueError, IndexError) as err:
+            raise ConversionError(f"{where}: image_grid_pinpoints {pinpoints!r}: {err}") from None
+
     def config(self) -> LlavaConfig:
-        raw = self.raw
         vision = self._vision()
-        text = text_config_from_hf({**raw, "model_type": "llama"}, bool(raw.get("tie_word_embeddings", False)))
+        try:
+            config = self._config(vision)
+        except (TypeError, ValueError) as err:
+            if isinstance(err, ConversionError):
+                raise
+            raise ValueError(f"{self.directory / 'config.json'}: {err}") from None
+        gen_path = self.directory / "generation_config.json"
+        if gen_path.is_file():
+            config.generation = read_json(gen_path)
+        return config
+
+    def _config(self, vision: VisionConfig) -> LlavaConfig:
+        raw = self.raw
+        text_type = "mistral" if raw.get("model_type") == "llava_mistral" else "llama"
+        text = text_config_from_hf({**raw, "model_type": text_type}, bool(raw.get("tie_word_embeddings", False)))
+        anyres = self.anyres()
         pre = None
         for directory in (self.directory, self.clip_dir):
             if directory is not None and (directory / "preprocessor_config.json").is_file():
                 pre = read_json(directory / "preprocessor_config.json")
                 break
-        config = LlavaConfig(
+        return LlavaConfig(
             vision=vision,
             text=text,
             image_token_id=text.vocab_size,
@@ -215,14 +269,13 @@ class OriginalLlavaSource:
             projector_bias=True,
             vision_feature_layer=int(raw["mm_vision_select_layer"]),
             vision_feature_select_strategy="full" if raw.get("mm_vision_select_feature") == "cls_patch" else "default",
-            image=image_config_from_preprocessor(pre, vision.image_size, pad=raw.get("image_aspect_ratio") == "pad"),
-            chat_template=default_template_for(template_source_path(self.directory), "original"),
+            image=image_config_from_preprocessor(
+                pre, vision.image_size, pad=raw.get("image_aspect_ratio") == "pad", anyres=anyres is not None
+            ),
+            chat_template=default_template_for(template_source_path(self.directory), "original", text_type),
             source_layout="original",
+            anyres=anyres,
         )
-        gen_path = self.directory / "generation_config.json"
-        if gen_path.is_file():
-            config.generation = read_json(gen_path)
-        return config
 
     def parts(self) -> list[Part]:
         keymap = original_keymap(self.projector_type, self.depth)

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .. import quant
 from ..config import LlavaConfig, read_json
 from ..model import Llava
-from ..safetensors_io import TensorMeta, safetensors_files
+from ..safetensors_io import DTYPES, TensorMeta, dtype_name, safetensors_files
 from .hf_llava import HfLlavaSource
 from .keymaps import MINILLAVA, UnmappedKeyError
 from .original_llava import OriginalLlavaSource
@@ -28,6 +29,10 @@ from .reading import ConversionError, Part, open_tensors, read_meta
 
 class CheckpointError(ValueError):
     """A checkpoint's tensors do not fit the model its config describes."""
+
+
+COMPUTE_DTYPES = (*DTYPES.values(), torch.float64)
+"""The floating dtypes the model computes in; a stored weight of another dtype (an integer, float8) is refused."""
 
 
 def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -58,10 +63,24 @@ def check_state(expected: dict[str, torch.Size], found: dict[str, torch.Size], w
         raise CheckpointError(f"{where}: " + "; ".join(problems) + (f". {hint}" if hint else ""))
 
 
+class _SkipInitOnMeta(TorchFunctionMode):
+    """Skips ``normal_`` on meta tensors while a model is built: they hold no values to draw, and its meta kernel
+    is written in Python behind ``torch._disable_dynamo``, whose first call imports the compiler stack (dynamo,
+    inductor, sympy: ~800 modules, most of a small model's load time)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.nn.init.normal_, torch.Tensor.normal_):
+            tensor = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "meta":
+                return tensor
+        return func(*args, **kwargs)
+
+
 def build_empty(config: LlavaConfig, quantize: str | None = None) -> Llava:
     """A ``Llava`` with parameters on the meta device: shapes only, no memory. Its decoder's linear layers are
     quantised ones when the config records a scheme (or ``quantize`` names one)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInitOnMeta():
         model = Llava(config)
     scheme = quant.resolve_scheme(config, quantize, "the config")
     if scheme is not None:
@@ -158,13 +177,19 @@ class Planned:
 def plan(source: Source, config: LlavaConfig) -> list[tuple[Path, list[Planned]]]:
     """Map every source tensor to its minillava name and check the whole set before any data is read.
 
-    Raises ``CheckpointError`` naming unmapped, duplicated, unexpected and mis-shaped tensors (by their names in
-    the source files) and missing ones (by minillava name).
+    Raises ``CheckpointError`` naming unmapped, duplicated, unexpected, mis-shaped and wrongly typed tensors (by
+    their names in the source files) and missing ones (by minillava name).
     """
-    expected = {k: tuple(v.shape) for k, v in build_empty(config).state_dict().items()}
+    empty = build_empty(config).state_dict()
+    expected = {k: tuple(v.shape) for k, v in empty.items()}
     origin: dict[str, str] = {}
     misshaped: set[str] = set()
-    problems: dict[str, list[str]] = {"unexpected tensors": [], "tensors given twice": [], "wrong shapes": []}
+    problems: dict[str, list[str]] = {
+        "unexpected tensors": [],
+        "tensors given twice": [],
+        "wrong shapes": [],
+        "wrong dtypes": [],
+    }
     result = []
     for part in source.parts():
         planned = []
@@ -185,6 +210,10 @@ def plan(source: Source, config: LlavaConfig) -> list[tuple[Path, list[Planned]]
             elif meta.shape != expected[ours]:
                 misshaped.add(ours)
                 problems["wrong shapes"].append(f"{where} is {list(meta.shape)}, expected {list(expected[ours])}")
+            elif not _dtype_fits(meta.dtype, empty[ours].dtype):
+                misshaped.add(ours)
+                wanted = "a floating dtype" if empty[ours].is_floating_point() else dtype_name(empty[ours].dtype)
+                problems["wrong dtypes"].append(f"{where} is {dtype_name(meta.dtype)}, expected {wanted}")
             else:
                 origin[ours] = where
                 planned.append(Planned(ours, theirs, meta, part.dtype))
@@ -197,6 +226,10 @@ def plan(source: Source, config: LlavaConfig) -> list[tuple[Path, list[Planned]]
             f"{source.directory}: " + "; ".join(found) + f". Is this the {source.name} checkpoint its config describes?"
         )
     return result
+
+
+def _dtype_fits(stored: torch.dtype, wanted: torch.dtype) -> bool:
+    return stored in COMPUTE_DTYPES if wanted.is_floating_point else stored == wanted
 
 
 def load_source(

@@ -13,6 +13,9 @@ from ..chat import TEMPLATES
 
 STAGES = ("pretrain", "finetune")
 STAGE_LR = {"pretrain": 1e-3, "finetune": 2e-5}
+"""LLaVA-1.5's learning rates (``scripts/v1_5``), set for 7B/13B models with a global batch of 256 (stage 1) and
+128 (stage 2); a tiny model trained from scratch needs far more (the bundled one: 1e-3 to 3e-3)."""
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -37,23 +40,29 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     max_length: int | None = 2048
     refuse_long: bool = False
-    precision: str = "bf16"
+    precision: str = "auto"
     activation_checkpointing: bool = False
     save_every: int = 0
     resume: str | None = None
+    force: bool = False
     seed: int = 0
     skip_bad_samples: bool = False
+    max_skipped_steps: int = 100
     log_every: int = 1
     num_workers: int = 0
     group_by_length: bool = False
     progress: bool = True
+    eval_data: str | None = None
+    eval_every: int = 0
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
-        for name in ("batch_size", "grad_accum", "epochs", "log_every"):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: at the end only), got {self.eval_every}")
+        for name in ("batch_size", "grad_accum", "epochs", "log_every", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -64,6 +73,14 @@ class TrainConfig:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
         if self.lr is None:
             self.lr = STAGE_LR[self.stage]
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """``auto``: bf16 autocast on a GPU; fp32 on the CPU, where bf16 autocast was measured slower on CPUs without
+    native bf16 (benchmarks/bench_train_precision.py)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device_type == "cuda" else "fp32"
 
 
 def stage_template(stage: str, recorded: str | None) -> str:
@@ -83,7 +100,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         description="Train LLaVA (stage 1: pretrain the projector; stage 2: finetune projector + decoder). "
         "Multi-process: torchrun --nproc_per_node N -m minillava.train ...",
     )
-    p.add_argument("--model", required=True, help="minillava checkpoint directory to start from")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint to start from: a minillava, llava-hf or original LLaVA directory, or a hub id",
+    )
     p.add_argument("--data", required=True, help="LLaVA-format .json (list) or .jsonl file")
     p.add_argument("--image-folder", help="root of the image paths in the data (default: the data file's folder)")
     p.add_argument("--output", required=True, help="directory for the trained model, checkpoints and log.jsonl")
@@ -92,8 +113,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument(
         "--template", help="chat template (default: plain for pretrain; for finetune the checkpoint's, else vicuna_v1)"
     )
-    p.add_argument("--image-mode", choices=("crop", "pad"), help="image preprocessing (default: the checkpoint's)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 pretrain, 2e-5 finetune)")
+    p.add_argument(
+        "--image-mode", choices=("crop", "pad", "anyres"), help="image preprocessing (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        help="peak learning rate (default: LLaVA-1.5's for 7B/13B, 1e-3 pretrain, 2e-5 finetune; a small model "
+        "trained from scratch needs far more, e.g. 1e-3)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=1)
@@ -103,14 +131,31 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--max-length", type=int, default=2048, help="tokens per sample, image placeholders included")
     p.add_argument("--refuse-long", action="store_true", help="refuse longer samples instead of cutting them")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="bf16 autocast or fp32 (master weights are fp32 either way); auto: bf16 on a GPU, fp32 on the CPU",
+    )
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder blocks in backward")
     p.add_argument("--save-every", type=int, default=0, help="write output/checkpoint-N every N steps (0: never)")
     p.add_argument(
         "--resume", nargs="?", const="latest", help="continue from a checkpoint (default: the latest in --output)"
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start a new run in an --output that holds another: its checkpoints and log are removed, its model is "
+        "replaced at the end",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-bad-samples", action="store_true", help="drop unreadable/invalid samples, with a count")
+    p.add_argument(
+        "--max-skipped-steps",
+        type=int,
+        default=100,
+        help="stop after this many steps in a row without a supervised token (every sample bad or cut)",
+    )
     p.add_argument("--log-every", type=int, default=1, help="progress line every N steps (log.jsonl: every step)")
     p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
     p.add_argument(
@@ -119,5 +164,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         help="batch samples of similar length together (less padding, faster); the order stays seeded",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--eval-data",
+        metavar="FILE",
+        help="held-out samples (LLaVA JSON/JSONL, images under --image-folder): loss, and exact match on short "
+        "answers, logged to eval.jsonl",
+    )
+    p.add_argument("--eval-every", type=int, default=0, metavar="N", help="evaluate every N steps (0: at the end)")
     args = p.parse_args(argv)
     return TrainConfig(**vars(args))

@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..anyres import num_tiles
+from ..checkpoint import load
 from ..config import LlavaConfig
 from ..model import IGNORE_INDEX, Llava
-from ..safetensors_io import iter_safetensors, safetensors_files
 
 
 class PeerFailed(RuntimeError):
@@ -90,8 +91,8 @@ def shard_and_fill(model: Llava, source: Path, rt: Runtime) -> None:
     fully_shard(model, mesh=mesh)
     model.to_empty(device=rt.device)
     full = {}
-    if rt.main:
-        full = {name: t.float() for name, t in iter_safetensors(safetensors_files(source))}
+    if rt.main:  # any layout minillava loads, mapped to minillava names
+        full = load(source, dtype=torch.float32).state_dict()
     set_model_state_dict(
         model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
     )
@@ -112,14 +113,22 @@ def with_dummy_image(batch: dict[str, Any], config: LlavaConfig, pad_token_id: i
         ids = torch.full((1, 1), pad_token_id, dtype=torch.long)
         labels = torch.full((1, 1), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((1, 1), dtype=torch.long)
+    size = config.vision.image_size
+    image: dict[str, Any] = {"pixel_values": torch.zeros((1, config.vision.num_channels, size, size))}
     k = config.num_image_tokens
+    if config.image.mode == "anyres":  # the same path as real images, image_newline included
+        tiles = num_tiles(size, size, config.anyres.grid_pinpoints, size)
+        k = config.anyres_token_count(size, size)
+        image = {
+            "pixel_values": torch.zeros((1, tiles, config.vision.num_channels, size, size)),
+            "image_sizes": torch.tensor([[size, size]]),
+        }
     extra_ids = torch.full((ids.shape[0], k), pad_token_id, dtype=torch.long)
     extra_ids[0] = config.image_token_id
-    size = config.vision.image_size
     return {
         **batch,
         "input_ids": torch.cat([ids, extra_ids], dim=1),
         "labels": F.pad(labels, (0, k), value=IGNORE_INDEX),
         "attention_mask": F.pad(mask, (0, k), value=0),
-        "pixel_values": torch.zeros((1, config.vision.num_channels, size, size)),
+        **image,
     }

@@ -19,24 +19,36 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..checkpoint import load
-from ..config import LlavaConfig
+from ..checkpoint import load, load_config
 from ..data import Collator, LlavaDataset, group_by_length
+from ..folders import refuse_overlap
+from ..hub import resolve
 from ..layouts.source import build_empty
-from ..model import IGNORE_INDEX, Llava, causal_lm_loss
+from ..model import IGNORE_INDEX, Llava
 from ..processor import load_processor
 from ..progress import ProgressBar
 from .checkpoints import (
+    LOG_NAME,
     STATE_FORMAT,
+    STATE_NAME,
+    check_fresh_output,
+    check_same_run,
+    clear_earlier_run,
+    file_digest,
     find_checkpoint,
     last_checkpoint,
     read_trainer_state,
     restore_optimizer,
+    run_record,
     save_checkpoint,
     save_final,
 )
-from .config import STAGES, TrainConfig, parse_args, stage_template
+from .config import STAGES, TrainConfig, parse_args, resolve_precision, stage_template
 from .distributed import PeerFailed, Runtime, setup_runtime, shard_and_fill, with_dummy_image
+from .evaluate import evaluate, summed_loss
+from .interrupt import StopRequest, ignore_sigint, interrupted_message
+
+EVAL_NAME = "eval.jsonl"
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -65,6 +77,8 @@ def set_trainable(model: Llava, stage: str, train_vision: bool = False) -> list[
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
+    if model.image_newline is not None:  # LLaVA-1.6's row end: part of the image-to-text connector
+        model.image_newline.requires_grad_(True)
     if stage == "finetune":
         model.llm.requires_grad_(True)
     if train_vision:
@@ -94,7 +108,7 @@ def build_model(source: Path, cfg: TrainConfig, rt: Runtime) -> Llava:
     :func:`~minillava.train.distributed.shard_and_fill` gives it its shards.
     """
     if rt.distributed:
-        model = build_empty(LlavaConfig.load(source))
+        model = build_empty(load_config(source))
     else:
         model = load(source, dtype=torch.float32, device=rt.device)
     set_trainable(model, cfg.stage, cfg.train_vision)
@@ -151,18 +165,11 @@ def accumulate_gradients(
     for b in micro:
         if b["input_ids"].shape[0] == 0:
             continue  # every sample skipped (one process only; with several the dummy row is there)
-        pixels = b["pixel_values"]
-        with autocast:
-            logits = model(
-                b["input_ids"].to(device),
-                None if pixels is None else pixels.to(device),
-                b["attention_mask"].to(device),
-            ).logits
-        total = causal_lm_loss(logits, b["labels"], reduction="sum")
+        total = summed_loss(model, b, autocast, device)
         if total.requires_grad:  # a text-only micro-batch in stage 1 reaches nothing that trains
             (total * scale).backward()
         loss_sum += total.detach().double()
-        del logits, total
+        del total
     return float(loss_sum)
 
 
@@ -175,7 +182,8 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
 
 
 def train(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
-    """Run a training job; returns ``{"losses": [...], "steps": int, "output": str, "skipped": int}``.
+    """Run a training job; returns ``{"losses": [...], "steps": int, "output": str, "skipped": int}`` (and
+    ``"interrupted": True`` when Ctrl-C stopped it after saving a checkpoint).
 
     ``losses`` are this run's per-step losses (global mean over supervised tokens). Raises
     :class:`NonFiniteLoss` with the step number when the loss or gradient norm stops being finite;
@@ -185,18 +193,22 @@ def train(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         cfg = TrainConfig(**cfg)
     rt = setup_runtime()
     try:
-        return _train(cfg, rt)
+        with StopRequest() as stop:
+            return _train(cfg, rt, stop)
     finally:
         rt.close()
 
 
-def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
+def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     output = Path(cfg.output)
+    refuse_overlap(output, Path(cfg.model), "--output ", "--model ")
     resume_dir = find_checkpoint(cfg.resume, output) if cfg.resume else None
-    source = resume_dir or Path(cfg.model)
+    if resume_dir is None:
+        check_fresh_output(output, cfg.force)
+    source = resume_dir or resolve(cfg.model)  # any layout minillava loads, or a hub id
 
-    config = LlavaConfig.load(source)
+    config = load_config(source)
     template = cfg.template or stage_template(cfg.stage, config.chat_template)
     processor = load_processor(source, image_mode=cfg.image_mode, template=template)
     config.image = processor.image_config
@@ -210,6 +222,16 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
         refuse_long=cfg.refuse_long,
         skip_bad_samples=cfg.skip_bad_samples,
     )
+    eval_set = None
+    if cfg.eval_data:
+        eval_set = LlavaDataset(
+            cfg.eval_data,
+            cfg.image_folder,
+            processor,
+            template=template,
+            max_length=cfg.max_length,
+            skip_bad_samples=cfg.skip_bad_samples,
+        )
     pad_id = processor.pad_token_id
     collator = Collator(pad_id)
     sampler = DistributedSampler(dataset, num_replicas=rt.world, rank=rt.rank, shuffle=True, seed=cfg.seed)
@@ -219,22 +241,31 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     global_batch = cfg.batch_size * cfg.grad_accum * rt.world
+    run = run_record(cfg, file_digest(cfg.data))
+    if resume_dir is not None:
+        state = read_trainer_state(resume_dir, global_batch)
+        check_same_run(resume_dir, state, run)
 
     model = build_model(source, cfg, rt)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     step, epoch, epoch_samples = 0, 0, 0
     if resume_dir is not None:
-        state = read_trainer_state(resume_dir, global_batch)
         restore_optimizer(model, optimizer, resume_dir, state, rt)
         step, epoch, epoch_samples = state["step"], state["epoch"], state["epoch_samples"]
-    log_path = output / "log.jsonl"
+    log_path, eval_path = output / LOG_NAME, output / EVAL_NAME
     if rt.main:
-        start_log(log_path, resumed_at=step if resume_dir is not None else None)
-    progress = ProgressBar(cfg.log_every, cfg.progress and rt.main)
-    autocast = torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        if resume_dir is None:
+            clear_earlier_run(output)  # only now that data and model are known to load
+        for path in (log_path, eval_path):
+            start_log(path, resumed_at=step if resume_dir is not None else None)
+    progress = ProgressBar(cfg.log_every, cfg.progress and rt.main, first=step)
+    precision = resolve_precision(cfg.precision, rt.device.type)
+    autocast = torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     trainable = [p for p in model.parameters() if p.requires_grad]
     losses: list[float] = []
+    smoothed: float | None = None
     skipped_total = dataset.skipped_at_start
+    evaluated_at = -1
 
     def trainer_state() -> dict[str, Any]:
         return {
@@ -246,9 +277,28 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             "total_steps": total_steps,
             "world_size": rt.world,
             "config": dataclasses.asdict(cfg),
+            "run": run,
         }
 
+    def save_now() -> Path:
+        path = output / f"checkpoint-{step}"
+        save_checkpoint(model, optimizer, rt, path, config, source, trainer_state())
+        return path
+
+    def run_eval() -> None:
+        nonlocal evaluated_at
+        result = evaluate(model, eval_set, cfg.batch_size, autocast, rt.device, exact_match=not rt.distributed)
+        evaluated_at = step
+        if rt.main:
+            progress.note(f"step {step}: {result.summary()}")
+            record = {"step": step, "loss": result.loss, "tokens": result.tokens, "exact": result.exact}
+            with eval_path.open("a") as f:
+                f.write(json.dumps({**record, "short_answers": result.short, "time": time.time()}) + "\n")
+
+    skipped_in_a_row = 0
     while step < total_steps:
+        # A pass from the start of the data that makes no step would be followed by another just like it.
+        whole_pass, steps_before, skipped_in_pass = epoch_samples == 0, step, 0
         sampler.set_epoch(epoch)
         indices = list(sampler)
         if cfg.group_by_length:
@@ -262,6 +312,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
                 sampler=indices,
                 collate_fn=collator,
                 num_workers=cfg.num_workers,
+                worker_init_fn=ignore_sigint if cfg.num_workers else None,
             )
         )
         while step < total_steps:
@@ -270,24 +321,46 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             consumed = min(remaining, cfg.batch_size * len(micro))
             remaining -= consumed
             # One all-reduce carries what every process must agree on before any forward pass.
-            counts = [0.0, 0.0, 0.0, 1.0 if error else 0.0, float(len(micro))]
+            counts = [0.0, 0.0, 0.0, 1.0 if error else 0.0, float(len(micro)), float(stop.requested)]
             for b in micro:
                 counts[0] += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
                 counts[1] += int(b["attention_mask"].sum())
                 counts[2] += b["skipped"]
-            supervised, tokens, skipped, failed, n_micro = rt.all_sum(counts)
+            supervised, tokens, skipped, failed, n_micro, stopping = rt.all_sum(counts)
             if failed:
                 if error is not None:
                     raise error
                 raise PeerFailed("stopping: another process failed to load its data (its error is above)")
+            if stopping:  # Ctrl-C on some process: save where the last step left off (this batch is not used)
+                path = output / f"checkpoint-{step}"
+                if step and not (path / STATE_NAME).is_file():
+                    save_now()
+                if rt.main:
+                    progress.note(interrupted_message(step, path))
+                result = {"losses": losses, "steps": step, "output": str(output), "skipped": skipped_total}
+                return {**result, "interrupted": True}
             if n_micro == 0:  # the end of the epoch
+                if whole_pass and step == steps_before:
+                    raise ValueError(
+                        f"a whole pass over {cfg.data} gave no step: {skipped_in_pass} bad sample(s) skipped, and no "
+                        "batch had a supervised token; fix the data (or --max-length, --image-folder)"
+                    )
                 epoch, epoch_samples = epoch + 1, 0
                 break
             epoch_samples += consumed * rt.world
             skipped_total += int(skipped)
+            skipped_in_pass += int(skipped)
             if supervised == 0:
                 print(f"step {step + 1}: no supervised token in the global batch; skipped", file=sys.stderr)
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= cfg.max_skipped_steps:
+                    raise ValueError(
+                        f"{skipped_in_a_row} steps in a row had no supervised token ({skipped_in_pass} bad sample(s) "
+                        f"skipped in this pass over {cfg.data}); stopping. Fix the data, or raise "
+                        "--max-skipped-steps if long stretches of it are bad"
+                    )
                 continue
+            skipped_in_a_row = 0
             if rt.distributed:
                 micro = [b if b["pixel_values"] is not None else with_dummy_image(b, config, pad_id) for b in micro]
             # FSDP averages gradients over processes; scaling by world/count turns that into sum/count.
@@ -327,10 +400,19 @@ def _train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
                 }
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-            progress.update(step, total_steps, f"steps | loss {loss:.4f} | lr {lr:.3g} | {tokens_per_s:,.0f} tok/s")
+            smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+            progress.update(
+                step,
+                total_steps,
+                f"steps | loss {loss:.4f} (smoothed {smoothed:.4f}) | lr {lr:.3g} | {tokens_per_s:,.0f} tok/s",
+            )
             if cfg.save_every and step % cfg.save_every == 0:
-                save_checkpoint(model, optimizer, rt, output / f"checkpoint-{step}", config, source, trainer_state())
+                save_now()
+            if eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                run_eval()
 
+    if eval_set is not None and evaluated_at != step:
+        run_eval()
     save_final(model, rt, output, config, source)
     if rt.main and skipped_total:
         print(f"skipped {skipped_total} bad sample(s) in all", file=sys.stderr)
@@ -345,11 +427,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         result = train(cfg)
-    except (ValueError, OSError, FloatingPointError, PeerFailed) as err:
+    except KeyboardInterrupt:
+        print("\nstopped without saving", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, FloatingPointError, PeerFailed, ImportError) as err:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
         print(f"{prefix}error: {err}", file=sys.stderr)
         return 1
+    if result.get("interrupted"):
+        return 130
     if result["losses"] and os.environ.get("RANK", "0") == "0":
         print(f"trained {result['steps']} steps; final loss {result['losses'][-1]:.4f}; model in {result['output']}")
     return 0
