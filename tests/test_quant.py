@@ -22,7 +22,7 @@ TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
 
 def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     tol = TOLERANCE[dtype]
-    assert_close(got.float(), want, rtol=tol, atol=tol * float(want.abs().max()))
+    assert_close(got.float(), want, rtol=tol, atol=tol * float(want.detach().abs().max()))
 
 
 def weight(n: int, k: int, seed: int = 0) -> torch.Tensor:

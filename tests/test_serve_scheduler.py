@@ -173,3 +173,16 @@ def test_llava_1_6_images_of_different_sizes_get_their_solo_answers(tmp_path):
     for image, (_, answer) in zip(images, jobs, strict=True):
         assert isinstance(answer.end, Finished)
         assert answer.text == pipe.chat("What is it?", images=[image], max_new_tokens=8)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_models_serve_their_solo_answers(scheme):
+    from minillava.config import BUNDLED_MODEL
+
+    quantized = Pipeline(BUNDLED_MODEL, quantize=scheme)
+    scheduler = Scheduler(quantized.model, slots=3)
+    jobs = [make_job(quantized, q, image) for image, q in QUESTIONS[:4]]
+    run_until_idle(scheduler, {0: [j for j, _ in jobs[:3]], 2: [jobs[3][0]]})
+    for (image, question), (_, answer) in zip(QUESTIONS[:4], jobs, strict=True):
+        assert isinstance(answer.end, Finished)
+        assert answer.text == quantized.chat(question, images=[image])
