@@ -280,13 +280,13 @@ def train_with_trainer(init: Path, work: Path, args: argparse.Namespace, log: Ca
     from minillava.train import main as train_main
 
     t0 = time.perf_counter()
-    paths = generate_dataset(work / "data", args.n_images, SEED, "train", IMAGE_SIZE)
+    paths = generate_dataset(work / "data", args.n_images, args.seed, "train", IMAGE_SIZE)
     easy_images = args.easy_steps * args.batch_size  # one-shape images, on indices after the full set's
     easy = generate_dataset(
-        work / "data", easy_images, SEED, "train", IMAGE_SIZE, start=args.n_images, max_shapes=1, stem="train_easy"
+        work / "data", easy_images, args.seed, "train", IMAGE_SIZE, start=args.n_images, max_shapes=1, stem="train_easy"
     )["qa"]
     log(f"wrote {args.n_images} + {easy_images} train images in {time.perf_counter() - t0:.0f}s")
-    common = ["--batch-size", str(args.batch_size), "--precision", "fp32", "--seed", str(SEED)]
+    common = ["--batch-size", str(args.batch_size), "--precision", "fp32", "--seed", str(args.seed)]
     common += ["--warmup-ratio", "0.03", "--log-every", "10", "--no-progress"]
     # After stage 1 the checkpoint's template is "plain"; stage 2 names the real chat template again.
     finetune = ["--template", TEMPLATE, "--group-by-length", *(["--train-vision"] if args.train_vision else [])]
@@ -392,14 +392,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("build/train-demo"), help="scratch directory")
     p.add_argument("--out", type=Path, default=ASSET_DIR, help="where the trained model goes")
-    p.add_argument("--stage0-steps", type=int, default=600, help="tower pretraining steps (0: none)")
+    p.add_argument("--seed", type=int, default=SEED, help="seed of the train images, the initial weights and the order")
+    p.add_argument("--stage0-steps", type=int, default=2000, help="tower pretraining steps (0: none)")
     p.add_argument("--stage0-lr", type=float, default=3e-3)
     p.add_argument("--stage1-steps", type=int, default=20)
     p.add_argument("--easy-steps", type=int, default=300, help="stage-2 steps on one-shape images first")
-    p.add_argument("--stage2-steps", type=int, default=1550)
+    p.add_argument("--stage2-steps", type=int, default=2300)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every stage")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--n-images", type=int, default=49600, help="distinct train images (49600 = 1550 x 32: each once)")
+    p.add_argument("--n-images", type=int, default=73600, help="distinct train images (73600 = 2300 x 32: each once)")
     p.add_argument("--eval-images", type=int, default=30, help="held-out images scored at the end (0: none)")
     p.add_argument("--patch-size", type=int, default=24)
     p.add_argument("--vision-hidden", type=int, default=128)
@@ -420,7 +421,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     for k in ("work", "out", "eval_images", "assets_from"):
         settings.pop(k)
-    settings["seed"] = SEED
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -443,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from minillava.processor import load_processor
 
     t0 = time.perf_counter()
-    init = build_initial(args.work, arch, args, log)
+    init = build_initial(args.work, arch, args, log, seed=args.seed)
     model = minillava.load(init)
     processor = load_processor(init)
     n_params = sum(p.numel() for p in model.parameters())
