@@ -39,6 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timers import time_hf, time_ours  # noqa: E402
+
 import minillava  # noqa: E402
 from minillava.generate import generate, stream_generate  # noqa: E402
 
@@ -96,19 +98,6 @@ SHAPES = {
 }
 
 
-class Stamps:
-    """A transformers streamer that records when each ``put`` happens (the first put is the prompt)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
 def build_reference(shape: Shape, workdir: Path):
     """A random-weight transformers LLaVA of ``shape``, and its weights converted to minillava in ``workdir``."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -139,31 +128,6 @@ def make_inputs(shape: Shape, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     size = shape.vision["image_size"]
     pixels = torch.randn(1, 3, size, size, generator=gen).to(shape.dtype)
     return ids, pixels
-
-
-def time_hf(hf, ids: torch.Tensor, pixels: torch.Tensor, n: int) -> list[float]:
-    """Seconds from the call to each new token (``pixels`` None: a text-only prompt)."""
-    stamps = Stamps()
-    images = {} if pixels is None else {"pixel_values": pixels}
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        hf.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            **images,
-            max_new_tokens=n,
-            do_sample=False,
-            streamer=stamps,
-        )
-    return [t - t0 for t in stamps.times[1:]]
-
-
-def time_ours(model, ids: torch.Tensor, pixels: torch.Tensor, n: int, compile: bool = False) -> list[float]:
-    stamps = []
-    t0 = time.perf_counter()
-    for _ in stream_generate(model, ids, pixels, max_new_tokens=n, eos_token_id=[], compile=compile):
-        stamps.append(time.perf_counter())
-    return [t - t0 for t in stamps]
 
 
 def decode_rate(stamps: list[float]) -> float:

@@ -226,12 +226,13 @@ def build_original_next(work: Path, config) -> int:
 
 
 def touch(model) -> None:
-    """Read every byte of every weight (a reduction in the weight's own dtype allocates nothing large)."""
+    """Read every byte of every weight with a reduction that allocates nothing large: a floating sum stays in the
+    weight's dtype, but an integer sum promotes to int64 (a copy 8x an int8 weight's size), so integers take max."""
     import torch
 
     with torch.no_grad():
         for p in model.state_dict().values():
-            p.sum()
+            p.sum() if p.is_floating_point() else p.max()
 
 
 def measure(kind: str, work: Path, llava: str) -> None:

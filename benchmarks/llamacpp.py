@@ -181,8 +181,7 @@ def time_system(system: System, threads: int, prompt: list[int], prefill: list[i
             return runner.run(prompt, n), runner.run(prefill, 1)[0], logits
         finally:
             runner.close()
-    # The same timers as bench_generate.py's image prompts (imported here: bench_generate imports this module).
-    from bench_generate import time_hf, time_ours
+    from timers import time_hf, time_ours  # the same timers as bench_generate.py's
 
     ids, long_ids = torch.tensor([prompt]), torch.tensor([prefill])
     if system.kind == "minillava":

@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from .config import LlavaConfig
 
 MERGE_TYPES = ("spatial_unpad", "flat")
 UNPAD_ROUNDINGS = ("round", "truncate")
@@ -154,15 +150,10 @@ def merge_features(
 
 
 def real_tiles(
-    pixel_values: torch.Tensor, image_sizes: torch.Tensor | None, config: LlavaConfig
+    pixel_values: torch.Tensor, image_sizes: torch.Tensor | None, pinpoints: Sequence[Size], tile: int
 ) -> tuple[torch.Tensor, list[int]]:
     """Each image's own tiles from padded ``[N, T, 3, S, S]`` pixels, as one ``[sum T_i, 3, S, S]`` batch, and the
     ``T_i``; the count follows from the image's size, so padding tiles are dropped unread."""
-    if config.anyres is None:
-        raise ValueError(
-            "pixel_values [N, tiles, 3, S, S] with image_sizes are LLaVA-1.6 (anyres) inputs, but this model has no "
-            "grid_pinpoints; pass [N, 3, S, S] images from its own processor"
-        )
     if image_sizes is None or pixel_values.dim() != 5:
         raise ValueError(
             "LLaVA-1.6 images need both pixel_values [N, tiles, 3, S, S] and image_sizes [N, 2] (height, width), as "
@@ -174,8 +165,7 @@ def real_tiles(
             f"image_sizes must be [N, 2] (height, width) for the {pixel_values.shape[0]} images in pixel_values, "
             f"got {list(image_sizes.shape)}"
         )
-    tile = config.vision.image_size
-    counts = [num_tiles(h, w, config.anyres.grid_pinpoints, tile) for h, w in image_sizes.tolist()]
+    counts = [num_tiles(h, w, pinpoints, tile) for h, w in image_sizes.tolist()]
     if max(counts, default=0) > pixel_values.shape[1]:
         raise ValueError(
             f"image_sizes {image_sizes.tolist()} need {counts} tiles but pixel_values holds {pixel_values.shape[1]} "
@@ -184,21 +174,11 @@ def real_tiles(
     return torch.cat([pixel_values[i, :n] for i, n in enumerate(counts)]), counts
 
 
-def merge_images(
-    rows: Sequence[torch.Tensor], image_sizes: torch.Tensor, config: LlavaConfig, newline: torch.Tensor | None
-) -> list[torch.Tensor]:
-    """:func:`merge_features` for each image's ``[T_i, rows_per_tile, D]`` projector rows."""
+def merge_images(rows: Sequence[torch.Tensor], image_sizes: torch.Tensor, **settings) -> list[torch.Tensor]:
+    """:func:`merge_features` for each image's ``[T_i, rows_per_tile, D]`` projector rows; ``settings`` are its
+    keyword arguments (pinpoints, tile, merge, rounding, newline)."""
     return [
-        merge_features(
-            features,
-            height,
-            width,
-            pinpoints=config.anyres.grid_pinpoints,
-            tile=config.vision.image_size,
-            merge=config.anyres.merge,
-            rounding=config.anyres.unpad_rounding,
-            newline=newline,
-        )
+        merge_features(features, height, width, **settings)
         for features, (height, width) in zip(rows, image_sizes.tolist(), strict=True)
     ]
 

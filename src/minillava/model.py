@@ -96,9 +96,24 @@ class Llava(nn.Module):
         one per image (see :mod:`minillava.anyres`; tiles past an image's own count are padding and never run).
         """
         if image_sizes is not None or pixel_values.dim() == 5:
-            tiles, counts = anyres.real_tiles(pixel_values, image_sizes, self.config)
+            grid = self.config.anyres
+            if grid is None:
+                raise ValueError(
+                    "pixel_values [N, tiles, 3, S, S] with image_sizes are LLaVA-1.6 (anyres) inputs, but this model "
+                    "has no grid_pinpoints; pass [N, 3, S, S] images from its own processor"
+                )
+            tile = self.config.vision.image_size
+            tiles, counts = anyres.real_tiles(pixel_values, image_sizes, grid.grid_pinpoints, tile)
             rows = self.encode_images(tiles).split(counts)
-            return anyres.merge_images(rows, image_sizes, self.config, self.image_newline)
+            return anyres.merge_images(
+                rows,
+                image_sizes,
+                pinpoints=grid.grid_pinpoints,
+                tile=tile,
+                merge=grid.merge,
+                rounding=grid.unpad_rounding,
+                newline=self.image_newline,
+            )
         size = self.config.vision.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (self.config.vision.num_channels, size, size):
             raise ValueError(

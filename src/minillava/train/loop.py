@@ -213,25 +213,16 @@ def _train(cfg: TrainConfig, rt: Runtime, stop: StopRequest) -> dict[str, Any]:
     processor = load_processor(source, image_mode=cfg.image_mode, template=template)
     config.image = processor.image_config
     config.chat_template = processor.template.name  # what the trained model now expects
-    dataset = LlavaDataset(
-        cfg.data,
-        cfg.image_folder,
-        processor,
+    read = functools.partial(
+        LlavaDataset,
+        image_folder=cfg.image_folder,
+        processor=processor,
         template=template,
         max_length=cfg.max_length,
-        refuse_long=cfg.refuse_long,
         skip_bad_samples=cfg.skip_bad_samples,
     )
-    eval_set = None
-    if cfg.eval_data:
-        eval_set = LlavaDataset(
-            cfg.eval_data,
-            cfg.image_folder,
-            processor,
-            template=template,
-            max_length=cfg.max_length,
-            skip_bad_samples=cfg.skip_bad_samples,
-        )
+    dataset = read(cfg.data, refuse_long=cfg.refuse_long)
+    eval_set = read(cfg.eval_data) if cfg.eval_data else None
     pad_id = processor.pad_token_id
     collator = Collator(pad_id)
     sampler = DistributedSampler(dataset, num_replicas=rt.world, rank=rt.rank, shuffle=True, seed=cfg.seed)
