@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     model = minillava.load(args.model, dtype=dtype, quantize=args.quantize)
     processor = load_processor(args.model)
-    print(f"model: {args.model} ({args.dtype or 'stored dtype'}, {args.quantize or 'not quantised'}); greedy, exact match")
+    print(
+        f"model: {args.model} ({args.dtype or 'stored dtype'}, {args.quantize or 'not quantised'}); greedy, exact match"
+    )
     per_set = []
     for seed, start in args.sets:
         began = time.perf_counter()

@@ -1,7 +1,7 @@
 """The bundled shapes model: its files are there and consistent, and it answers held-out questions.
 
-The full figure (200 held-out images, per question type) is ``benchmarks/eval_demo.py``; this checks a fast
-subset so that a broken model, tokenizer, template or preprocessing fails the suite.
+The full figures (three fresh sets of 400 held-out images, per question type) are ``benchmarks/eval_demo.py``;
+this checks a fast subset so that a broken model, tokenizer, template or preprocessing fails the suite.
 """
 
 from __future__ import annotations
