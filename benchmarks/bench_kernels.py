@@ -27,6 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from minillava import quant  # noqa: E402
+from minillava.linear import gemm_dtype, tiled_linear  # noqa: E402
 
 SHAPES = {"gate/up 4096->11008": (11008, 4096), "down 11008->4096": (4096, 11008), "head 4096->32064": (32064, 4096)}
 
@@ -58,9 +59,9 @@ def candidates(n: int, k: int, rows: int, compile: bool) -> dict[str, tuple[Call
                 w.nbytes,
             )
         if dtype == torch.bfloat16 and rows > quant.FUSED_ROWS:
-            up = quant.gemm_dtype(dtype, "cpu")
+            up = gemm_dtype(dtype, "cpu")
             out["bf16 via upcast tiles"] = (
-                lambda w=w, x=x: quant.tiled_linear(x, n, lambda a, b, t: w[a:b].to(t)),
+                lambda w=w, x=x: tiled_linear(x, n, lambda a, b, tile: tile.copy_(w[a:b])),
                 w.float(),
                 w.nbytes,
             )
