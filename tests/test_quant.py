@@ -16,8 +16,8 @@ from weights_convert.__main__ import main as convert_main
 
 SCHEMES = ("int8", "int4")
 # Output rounding of the kernels, relative to the output's scale: fp32 sums in another order than F.linear (and
-# may apply an int8 row scale after the sum), bf16 rounds the output.
-TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
+# may apply an int8 row scale after the sum), bf16 rounds the output (one bf16 ulp is 2**-8 = 3.9e-3 relative).
+TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 4e-3}
 
 
 def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:

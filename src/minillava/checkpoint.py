@@ -149,7 +149,7 @@ def describe_checkpoint(path: str | os.PathLike, vision_tower: str | os.PathLike
             part, dtype = p.ours.split(".", 1)[0], dtype_name(cast_dtype(p.meta.dtype, p.target(None)))
             parts[part] = parts.get(part, 0) + p.meta.numel
             dtypes[dtype] = dtypes.get(dtype, 0) + p.meta.numel
-    if config.quantization:
+    if quant.stored_scheme(config, str(path)):
         # Parameters as the full-precision model counts them (not bytes of codes, nor the scales).
         full = build_empty(dataclasses.replace(config, quantization=None)).state_dict()
         parts = {part: sum(t.numel() for k, t in full.items() if k.startswith(f"{part}.")) for part in parts}

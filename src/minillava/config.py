@@ -238,8 +238,6 @@ class LlavaConfig:
                 _text("", name, getattr(self, name))
         if not isinstance(self.generation, dict):
             raise ValueError(f"generation must be a JSON object, got {type(self.generation).__name__}")
-        if self.quantization is not None and not isinstance(self.quantization, dict):
-            raise ValueError(f"quantization must be a JSON object or null, got {type(self.quantization).__name__}")
         layers = self.vision_feature_layer
         if not all(_is_int(i) for i in (layers if isinstance(layers, (list, tuple)) else [layers])):
             raise ValueError(f"vision_feature_layer must be an integer or a list of integers, got {layers!r}")

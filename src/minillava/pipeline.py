@@ -25,7 +25,6 @@ from .cache import KVCache
 from .chat import ChatTemplate, get_template
 from .checkpoint import load
 from .config import BUNDLED_MODEL
-from .device import resolve_device
 from .generate import GenerationConfig, resolve_eos, settings, stream_generate
 from .hub import resolve
 from .image import ImageInput, check_image_count, image_list, pad_tiles
@@ -82,7 +81,7 @@ class Pipeline:
         self.path = resolve(path)
         self.processor = load_processor(self.path, image_mode=image_mode)
         self.template = get_template(template) if template is not None else self.processor.template
-        self.model = load(self.path, dtype=dtype, device=resolve_device(device), quantize=quantize)
+        self.model = load(self.path, dtype=dtype, device=device, quantize=quantize)  # load resolves "auto"
         defaults = {k: v for k, v in self.model.config.generation.items() if k in _SETTINGS}
         try:
             self.generation = GenerationConfig(**defaults) if generation is None else generation

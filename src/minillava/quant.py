@@ -291,11 +291,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        scales_and_zeros = self.scales_and_zeros.to(x.dtype)
         if x.device.type != "cpu":
-            y = torch._weight_int4pack_mm(x2, self.weight, self.group, scales_and_zeros)
+            y = torch._weight_int4pack_mm(x2, self.weight, self.group, self.scales_and_zeros.to(x.dtype))
         elif x2.shape[0] <= FUSED_ROWS:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group, scales_and_zeros)
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group, self.scales_and_zeros.to(x.dtype))
         elif x.requires_grad and torch.is_grad_enabled():
             y = F.linear(x2, self.dequantize(dtype=x.dtype))  # gradients for the input flow through the full weight
         else:
