@@ -40,23 +40,29 @@ def parse_set(text: str) -> tuple[int, int]:
 
 def summary(per_set: list[dict[str, tuple[int, int]]]) -> str:
     """Mean and worst accuracy over the sets, per question type."""
-    lines = [f"{'qtype':<10} {'mean':>7} {'worst':>7}"]
+    width = max(10, *map(len, per_set[0]))
+    lines = [f"{'qtype':<{width}} {'mean':>7} {'worst':>7}"]
     for key in per_set[0]:
         accuracies = [scores[key][0] / scores[key][1] for scores in per_set if key in scores]
-        lines.append(f"{key:<10} {100 * sum(accuracies) / len(accuracies):>6.1f}% {100 * min(accuracies):>6.1f}%")
+        lines.append(f"{key:<{width}} {100 * sum(accuracies) / len(accuracies):>6.1f}% {100 * min(accuracies):>6.1f}%")
     return "\n".join(lines)
+
+
+def add_set_arguments(p: argparse.ArgumentParser, images_help: str) -> None:
+    """``--model``, ``--sets``, ``--images``, ``--batch-size`` and ``--threads``: what every held-out score takes."""
+    p.add_argument("--model", default=str(ASSET_DIR), help="checkpoint directory (default: the bundled model)")
+    p.add_argument(
+        "--sets", nargs="+", type=parse_set, default=[parse_set(s) for s in README_SETS], metavar="SEED:START"
+    )
+    p.add_argument("--images", type=int, default=400, help=images_help)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print the per-question-type table of each set, then the mean and the worst over the sets."""
     p = argparse.ArgumentParser(description="held-out accuracy of the bundled shapes model")
-    p.add_argument("--model", default=str(ASSET_DIR), help="checkpoint directory (default: the bundled model)")
-    p.add_argument(
-        "--sets", nargs="+", type=parse_set, default=[parse_set(s) for s in README_SETS], metavar="SEED:START"
-    )
-    p.add_argument("--images", type=int, default=400, help="held-out images per set (about 5.5 questions each)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
+    add_set_arguments(p, images_help="held-out images per set (about 5.5 questions each)")
     p.add_argument("--quantize", choices=("int8", "int4"), help="quantise the decoder's linear layers as it loads")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="weights' dtype (default: as stored)")
     args = p.parse_args(argv)

@@ -23,77 +23,56 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 
 import torch
-from eval_demo import README_SETS, parse_set  # the script's folder is on sys.path
+from eval_demo import add_set_arguments, summary  # the script's folder is on sys.path
 
 import minillava
-from minillava.generate import generate
 from minillava.processor import load_processor
-from minillava.shapes.data import IMAGE_SIZE, POSITION_PHRASES, answers_match, render_scene, sample_rng, sample_scene
-from minillava.shapes.recipe import ASSET_DIR
+from minillava.shapes.data import IMAGE_SIZE, EvalQuestion, _refs, image_id, render_scene, sample_rng, sample_scene
+from minillava.shapes.recipe import format_scores, score_questions
 
 ROWS = ("colour by cell", "kind by cell", "colour by kind", "kind by colour", "cell by both")
 
 
-def lookups(seed: int, start: int, n_images: int) -> list[tuple]:
-    """``(image, question, answer, row)`` for images ``start .. start+n_images-1`` of held-out stream ``seed``."""
-    items = []
+def lookups(seed: int, start: int, n_images: int) -> list[EvalQuestion]:
+    """The questions of images ``start .. start+n_images-1`` of held-out stream ``seed`` that have two or three
+    shapes, each with its row of :data:`ROWS` as ``qtype``. A shape is named as the training questions name it."""
+    questions = []
     for index in range(start, start + n_images):
         rng = sample_rng(seed, "heldout", index)
         shapes = sample_scene(rng, IMAGE_SIZE)
         if len(shapes) < 2:
             continue
-        image = render_scene(shapes, rng, IMAGE_SIZE)
+        image, ident = render_scene(shapes, rng, IMAGE_SIZE), image_id("heldout", index)
         for s in shapes:
-            where = POSITION_PHRASES[s.cell]
-            items.append((image, f"What color is the object {where}?", s.color, "colour by cell"))
-            items.append((image, f"What shape is the object {where}?", s.kind, "kind by cell"))
-            if sum(t.kind == s.kind for t in shapes) == 1:
-                items.append((image, f"What color is the {s.kind}?", s.color, "colour by kind"))
-            if sum(t.color == s.color for t in shapes) == 1:
-                items.append((image, f"What shape is the {s.color} object?", s.kind, "kind by colour"))
-            items.append((image, f"Where is the {s.name}?", s.position, "cell by both"))
-    return items
-
-
-def score(model: minillava.Llava, processor, items: list[tuple], batch_size: int = 64) -> dict[str, tuple[int, int]]:
-    """``{row: (correct, total)}``."""
-    correct, total = Counter(), Counter()
-    for i in range(0, len(items), batch_size):
-        chunk = items[i : i + batch_size]
-        prompts = [processor.format_chat([{"role": "user", "content": f"<image>\n{it[1]}"}]) for it in chunk]
-        enc = processor(prompts, [[it[0]] for it in chunk], padding_side="left")
-        with torch.no_grad():
-            out = generate(model, enc["input_ids"], enc["pixel_values"], enc["attention_mask"], max_new_tokens=8)
-        for (_, _, answer, row), ids in zip(chunk, out, strict=True):
-            correct[row] += answers_match(processor.decode(ids, skip_special_tokens=True), answer)
-            total[row] += 1
-    return {row: (correct[row], total[row]) for row in ROWS if total[row]}
+            for ref in _refs(s, shapes, "color"):
+                row = "colour by cell" if ref.startswith("the object ") else "colour by kind"
+                questions.append(EvalQuestion(image, f"What color is {ref}?", s.color, row, ident))
+            for ref in _refs(s, shapes, "kind"):
+                row = "kind by cell" if ref.startswith("the object ") else "kind by colour"
+                questions.append(EvalQuestion(image, f"What shape is {ref}?", s.kind, row, ident))
+            questions.append(EvalQuestion(image, f"Where is the {s.name}?", s.position, "cell by both", ident))
+    return questions
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print each set's accuracy per row, then the mean over the sets."""
+    """Print each set's table, then the mean and the worst set per row."""
     p = argparse.ArgumentParser(description="lookup accuracy by how the question names the shape")
-    p.add_argument("--model", default=str(ASSET_DIR), help="checkpoint directory (default: the bundled model)")
-    p.add_argument(
-        "--sets", nargs="+", type=parse_set, default=[parse_set(s) for s in README_SETS], metavar="SEED:START"
-    )
-    p.add_argument("--images", type=int, default=400, help="held-out images per set (those with one shape are skipped)")
-    p.add_argument("--threads", type=int, default=2)
+    add_set_arguments(p, images_help="held-out images per set (those with one shape are skipped)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = minillava.load(args.model).eval()
+    model = minillava.load(args.model)
     processor = load_processor(args.model)
     per_set = []
     for seed, start in args.sets:
-        scores = score(model, processor, lookups(seed, start, args.images))
-        cells = "  ".join(f"{row} {100 * c / n:5.1f}% ({n})" for row, (c, n) in scores.items())
-        print(f"stream {seed}, images {start}..{start + args.images - 1}:  {cells}")
+        scores = score_questions(model, processor, lookups(seed, start, args.images), ROWS, args.batch_size)
+        print(f"\nheld-out stream {seed}, images {start}..{start + args.images - 1}")
+        print(format_scores(scores))
         per_set.append(scores)
-    mean = {row: sum(s[row][0] / s[row][1] for s in per_set) / len(per_set) for row in per_set[0]}
-    print("mean:  " + "  ".join(f"{row} {100 * a:5.1f}%" for row, a in mean.items()))
+    if len(per_set) > 1:
+        print(f"\nover {len(per_set)} sets of {args.images} images")
+        print(summary(per_set))
     return 0
 
 

@@ -39,6 +39,7 @@ from minillava.shapes.data import (
     QTYPES,
     SHAPES,
     SIZES,
+    EvalQuestion,
     answers_match,
     generate_dataset,
     iter_questions,
@@ -233,10 +234,18 @@ def evaluate(
     start: int = 0,
 ) -> dict[str, tuple[int, int]]:
     """Greedy exact match on held-out questions: ``{qtype: (correct, total)}`` plus ``"all"``."""
+    questions = list(iter_questions(n_images, seed, "heldout", IMAGE_SIZE, start=start))
+    return score_questions(model, processor, questions, QTYPES, batch_size)
+
+
+def score_questions(
+    model: minillava.Llava, processor, questions: list[EvalQuestion], keys: Sequence[str], batch_size: int = 64
+) -> dict[str, tuple[int, int]]:
+    """Ask each question on its own (``<image>`` first, the model's chat template, greedy, batched with left
+    padding): ``{key: (correct, total)}`` in the order of ``keys`` (each question's ``qtype``), plus ``"all"``."""
     from minillava.generate import generate
 
-    questions = list(iter_questions(n_images, seed, "heldout", IMAGE_SIZE, start=start))
-    scores = {q: [0, 0] for q in (*QTYPES, "all")}
+    scores = {k: [0, 0] for k in (*keys, "all")}
     model.eval()
     for i in range(0, len(questions), batch_size):
         chunk = questions[i : i + batch_size]
@@ -256,9 +265,10 @@ def evaluate(
 
 def format_scores(scores: dict[str, tuple[int, int]]) -> str:
     """A small per-question-type table."""
-    lines = [f"{'qtype':<10} {'correct':>8} {'total':>6} {'accuracy':>9}"]
+    width = max(10, *map(len, scores))
+    lines = [f"{'qtype':<{width}} {'correct':>8} {'total':>6} {'accuracy':>9}"]
     for k, (c, n) in scores.items():
-        lines.append(f"{k:<10} {c:>8} {n:>6} {100 * c / n:>8.1f}%")
+        lines.append(f"{k:<{width}} {c:>8} {n:>6} {100 * c / n:>8.1f}%")
     return "\n".join(lines)
 
 
