@@ -23,28 +23,45 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 
 import torch
 from eval_demo import add_set_arguments, summary  # the script's folder is on sys.path
+from PIL import Image
 
 import minillava
 from minillava.processor import load_processor
-from minillava.shapes.data import IMAGE_SIZE, EvalQuestion, _refs, image_id, render_scene, sample_rng, sample_scene
+from minillava.shapes.data import (
+    IMAGE_SIZE,
+    EvalQuestion,
+    Shape,
+    _refs,
+    image_id,
+    render_scene,
+    sample_rng,
+    sample_scene,
+)
 from minillava.shapes.recipe import format_scores, score_questions
 
 ROWS = ("colour by cell", "kind by cell", "colour by kind", "kind by colour", "cell by both")
 
 
-def lookups(seed: int, start: int, n_images: int) -> list[EvalQuestion]:
-    """The questions of images ``start .. start+n_images-1`` of held-out stream ``seed`` that have two or three
-    shapes, each with its row of :data:`ROWS` as ``qtype``. A shape is named as the training questions name it."""
-    questions = []
+def multi_shape_scenes(seed: int, start: int, n_images: int) -> Iterator[tuple[int, list[Shape], Image.Image]]:
+    """``(index, shapes, image)`` for the images ``start .. start+n_images-1`` of held-out stream ``seed`` that
+    have two or three shapes."""
     for index in range(start, start + n_images):
         rng = sample_rng(seed, "heldout", index)
         shapes = sample_scene(rng, IMAGE_SIZE)
-        if len(shapes) < 2:
-            continue
-        image, ident = render_scene(shapes, rng, IMAGE_SIZE), image_id("heldout", index)
+        if len(shapes) >= 2:
+            yield index, shapes, render_scene(shapes, rng, IMAGE_SIZE)
+
+
+def lookups(seed: int, start: int, n_images: int) -> list[EvalQuestion]:
+    """The questions of :func:`multi_shape_scenes`, each with its row of :data:`ROWS` as ``qtype``. A shape is
+    named as the training questions name it."""
+    questions = []
+    for index, shapes, image in multi_shape_scenes(seed, start, n_images):
+        ident = image_id("heldout", index)
         for s in shapes:
             for ref in _refs(s, shapes, "color"):
                 row = "colour by cell" if ref.startswith("the object ") else "colour by kind"

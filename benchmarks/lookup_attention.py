@@ -18,10 +18,11 @@ import sys
 
 import torch
 from eval_demo import add_set_arguments  # the script's folder is on sys.path
+from eval_lookups import multi_shape_scenes
 
 import minillava
 from minillava.processor import load_processor
-from minillava.shapes.data import IMAGE_SIZE, POSITION_PHRASES, render_scene, sample_rng, sample_scene
+from minillava.shapes.data import POSITION_PHRASES
 
 NAMINGS = ("cell", "kind")
 
@@ -29,12 +30,7 @@ NAMINGS = ("cell", "kind")
 def questions(seed: int, start: int, n_images: int) -> list[tuple[str, object, str, int, list[int]]]:
     """``(naming, image, question, named cell, other shapes' cells)`` for the images with two or three shapes."""
     out = []
-    for index in range(start, start + n_images):
-        rng = sample_rng(seed, "heldout", index)
-        shapes = sample_scene(rng, IMAGE_SIZE)
-        if len(shapes) < 2:
-            continue
-        image = render_scene(shapes, rng, IMAGE_SIZE)
+    for _, shapes, image in multi_shape_scenes(seed, start, n_images):
         for s in shapes:
             others = [t.cell for t in shapes if t is not s]
             out.append(("cell", image, f"What color is the object {POSITION_PHRASES[s.cell]}?", s.cell, others))
