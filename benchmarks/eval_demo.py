@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -48,6 +49,24 @@ def summary(per_set: list[dict[str, tuple[int, int]]]) -> str:
     return "\n".join(lines)
 
 
+def report_sets(
+    sets: list[tuple[int, int]], n_images: int, score: Callable[[int, int], dict[str, tuple[int, int]]]
+) -> None:
+    """Print ``score(seed, start)``'s table for each set, then, over several sets, the mean and the worst."""
+    per_set = []
+    for seed, start in sets:
+        began = time.perf_counter()
+        scores = score(seed, start)
+        correct, total = scores["all"]
+        print(f"\nheld-out stream {seed}, images {start}..{start + n_images - 1}")
+        print(format_scores(scores))
+        print(f"overall: {100 * correct / total:.1f}% of {total} questions ({time.perf_counter() - began:.0f}s)")
+        per_set.append(scores)
+    if len(per_set) > 1:
+        print(f"\nover {len(per_set)} sets of {n_images} images")
+        print(summary(per_set))
+
+
 def add_set_arguments(p: argparse.ArgumentParser, images_help: str) -> None:
     """``--model``, ``--sets``, ``--images``, ``--batch-size`` and ``--threads``: what every held-out score takes."""
     p.add_argument("--model", default=str(ASSET_DIR), help="checkpoint directory (default: the bundled model)")
@@ -73,18 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"model: {args.model} ({args.dtype or 'stored dtype'}, {args.quantize or 'not quantised'}); greedy, exact match"
     )
-    per_set = []
-    for seed, start in args.sets:
-        began = time.perf_counter()
-        scores = evaluate(model, processor, args.images, seed=seed, batch_size=args.batch_size, start=start)
-        correct, total = scores["all"]
-        print(f"\nheld-out stream {seed}, images {start}..{start + args.images - 1}")
-        print(format_scores(scores))
-        print(f"overall: {100 * correct / total:.1f}% of {total} questions ({time.perf_counter() - began:.0f}s)")
-        per_set.append(scores)
-    if len(per_set) > 1:
-        print(f"\nover {len(per_set)} sets of {args.images} images")
-        print(summary(per_set))
+
+    def score(seed: int, start: int) -> dict[str, tuple[int, int]]:
+        return evaluate(model, processor, args.images, seed=seed, batch_size=args.batch_size, start=start)
+
+    report_sets(args.sets, args.images, score)
     return 0
 
 

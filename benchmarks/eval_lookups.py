@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterator
 
 import torch
-from eval_demo import add_set_arguments, summary  # the script's folder is on sys.path
+from eval_demo import add_set_arguments, report_sets  # the script's folder is on sys.path
 from PIL import Image
 
 import minillava
@@ -41,7 +41,7 @@ from minillava.shapes.data import (
     sample_rng,
     sample_scene,
 )
-from minillava.shapes.recipe import format_scores, score_questions
+from minillava.shapes.recipe import score_questions
 
 ROWS = ("colour by cell", "kind by cell", "colour by kind", "kind by colour", "cell by both")
 
@@ -81,15 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model = minillava.load(args.model)
     processor = load_processor(args.model)
-    per_set = []
-    for seed, start in args.sets:
-        scores = score_questions(model, processor, lookups(seed, start, args.images), ROWS, args.batch_size)
-        print(f"\nheld-out stream {seed}, images {start}..{start + args.images - 1}")
-        print(format_scores(scores))
-        per_set.append(scores)
-    if len(per_set) > 1:
-        print(f"\nover {len(per_set)} sets of {args.images} images")
-        print(summary(per_set))
+    report_sets(
+        args.sets,
+        args.images,
+        lambda seed, start: score_questions(model, processor, lookups(seed, start, args.images), ROWS, args.batch_size),
+    )
     return 0
 
 
